@@ -1,0 +1,16 @@
+"""Shared fixtures: the real images in ../shared/data, skipped with a reason when absent."""
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the project's real test images; tests that need it skip when it is not beside the repo."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real images not found at {SHARED_DATA} (clone the repo beside ../shared)")
+    return SHARED_DATA
