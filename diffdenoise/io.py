@@ -1,0 +1,443 @@
+"""Reading image volumes for denoising: DICOM series, multi-frame DICOM, NIfTI, PNG and TIFF.
+
+Every reader gives a ``Volume``: a float32 ``(Z, H, W)`` array in physical units (HU for CT) with slices
+along the acquisition axis, plus the geometry and identifiers a writer needs to put a denoised volume
+back (``Volume.meta``, JSON-safe). Folders are searched recursively and DICOM files are recognised by
+content, not extension; files that are not images are skipped with a logged warning. Bad input raises
+``InputError`` naming the file and the problem in one line. Input files are only ever opened for reading.
+
+Example::
+
+    from diffdenoise.io import read_volumes
+
+    for volume in read_volumes("../shared/data/head_ct_ge/series"):
+        print(volume.volume_id, volume.modality, volume.array.shape, volume.meta["spacing"])
+"""
+
+import hashlib
+import logging
+import numbers
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from PIL import Image, ImageSequence
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+
+from diffdenoise.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+MODALITIES = ("mri", "ct", "xray", "other")
+DICOM_MODALITIES = {"MR": "mri", "CT": "ct", "CR": "xray", "DX": "xray", "RG": "xray", "XA": "xray"}
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+RASTER_SUFFIXES = (".png", ".tif", ".tiff")
+_GRAY_MODES = ("1", "L", "I;16", "I;16B", "I;16L", "I", "F")  # PIL modes of single-channel images
+# Header fields copied to Volume.meta as they are (same for every slice of a series).
+_DICOM_KEYWORDS = (
+    "Modality", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
+    "FrameOfReferenceUID", "SOPClassUID", "Manufacturer", "PhotometricInterpretation", "BitsAllocated",
+    "BitsStored", "PixelRepresentation", "PixelPaddingValue",
+)  # fmt: skip
+
+
+@dataclass
+class Volume:
+    """One image volume in physical units, with what is needed to split, normalise and write it back.
+
+    Attributes:
+        array: float32 ``(Z, H, W)``; Z is the acquisition (slice) axis. CT in HU (RescaleSlope and
+            RescaleIntercept applied); MONOCHROME1 inverted so that higher is brighter.
+        source: file or folder it came from.
+        volume_id: unique, filesystem-safe id (file stem, or series folder + SeriesInstanceUID hash).
+        group: patient, for splitting without leaks: DICOM PatientID, else ``volume_id``.
+        modality: one of ``MODALITIES``, from the DICOM Modality; "other" for NIfTI, PNG and TIFF.
+        meta: JSON-safe geometry and identifiers (``format``, ``files``, ``spacing`` (dz, dy, dx) in mm,
+            NIfTI ``affine``, DICOM ``ImagePositionPatient`` per slice, ``ImageOrientationPatient``,
+            ``SOPInstanceUIDs``, ``monochrome1_inverted``, ...).
+    """
+
+    array: np.ndarray
+    source: str
+    volume_id: str
+    group: str
+    modality: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class VolumeSource:
+    """A volume found by ``scan_volumes`` from headers alone; ``read()`` decodes its pixels.
+
+    Scanning first means a large folder is checked, and its ids and groups are fixed, before any pixel
+    is decoded, and callers can stream volumes one at a time instead of holding all in memory.
+    """
+
+    kind: str  # "dicom" (a series of single-frame files, or one multi-frame file), "nifti" or "raster"
+    files: list[Path]
+    source: str
+    volume_id: str
+    group: str
+    modality: str
+
+    def read(self) -> Volume:
+        """Decodes the volume.
+
+        Raises:
+            InputError: undecodable, truncated, colour or 4D data, or NaN/Inf values.
+        """
+        with _lenient_headers():
+            array, meta = _READERS[self.kind](self.files)
+        bad = ~np.isfinite(array)
+        if bad.any():
+            z = int(np.argwhere(bad)[0][0])
+            path = meta["files"][z] if len(meta["files"]) == len(array) else meta["files"][0]
+            raise InputError(path, f"{int(bad.sum())} NaN/Inf values; replace them (e.g. by 0) first")
+        return Volume(array, self.source, self.volume_id, self.group, self.modality, meta)
+
+
+def read_volumes(src) -> list[Volume]:
+    """Reads every image volume in a file or folder.
+
+    Args:
+        src: a DICOM file (single- or multi-frame), a NIfTI (.nii, .nii.gz), PNG or TIFF file, or a folder
+            holding any mix of them, searched recursively. Single-frame DICOM files are grouped into
+            series by SeriesInstanceUID (and image size); several series give several volumes.
+
+    Returns:
+        The volumes, ordered by their first file's path.
+
+    Raises:
+        InputError: a missing path, a folder without images, or a file that cannot be used (see
+            ``scan_volumes`` and ``VolumeSource.read``).
+    """
+    return [source.read() for source in scan_volumes(src)]
+
+
+def scan_volumes(src) -> list[VolumeSource]:
+    """Finds the volumes in ``src`` from file headers, without decoding pixels.
+
+    Args:
+        src: as in ``read_volumes``.
+
+    Returns:
+        One ``VolumeSource`` per volume, ordered by first file path, with unique ``volume_id``s.
+
+    Raises:
+        InputError: ``src`` is missing; a folder holds no image; a file given directly is not an image
+            (e.g. a DICOM SR); a DICOM header is damaged.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise InputError(src, "no such file or folder")
+    with _lenient_headers():
+        if src.is_file():
+            kind, header, problem = _sniff(src)
+            if kind is None:
+                raise InputError(src, problem)
+            found = [(src, kind, header)]
+        else:
+            found = []
+            for path in sorted(p for p in src.rglob("*") if p.is_file()):
+                kind, header, problem = _sniff(path)
+                if kind is None:
+                    logger.warning("%s: skipped, %s", path, problem)
+                else:
+                    found.append((path, kind, header))
+            if not found:
+                raise InputError(src, "no images found (searched recursively for DICOM, NIfTI, PNG, TIFF)")
+        return _volume_sources(found)
+
+
+def _sniff(path: Path):
+    """Tells what a file is: returns ``(kind, DICOM header or None, problem)``, kind None for non-images."""
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti", None, ""
+    if name.endswith(RASTER_SUFFIXES):
+        return "raster", None, ""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        return None, None, "not a DICOM, NIfTI (.nii, .nii.gz), PNG or TIFF file"
+    except Exception as exc:
+        raise InputError(path, f"damaged DICOM header ({_one_line(exc)})") from exc
+    if "Rows" not in header:
+        return None, None, _no_pixels(header)
+    return "dicom", header, ""
+
+
+def _no_pixels(ds) -> str:
+    """The problem text for a DICOM object that carries no image (SR, presentation state, DICOMDIR)."""
+    sop_class = ds.get("SOPClassUID")
+    return (
+        f"DICOM {ds.get('Modality', '')} object without pixel data "
+        f"({getattr(sop_class, 'name', sop_class) or 'no SOP class'}); it is not an image"
+    )
+
+
+def _is_multiframe(header) -> bool:
+    """Multi-frame files (Enhanced MR/CT, cine) are volumes on their own, never merged into a series."""
+    return int(header.get("NumberOfFrames") or 1) > 1 or "PerFrameFunctionalGroupsSequence" in header
+
+
+def _volume_sources(found) -> list[VolumeSource]:
+    """Groups sniffed files into volumes and gives each a unique, filesystem-safe id."""
+    series: dict[tuple, list] = {}
+    volumes = []  # (kind, files, id, patient, modality)
+    for path, kind, header in found:
+        if kind == "dicom" and not _is_multiframe(header):
+            key = (str(header.get("SeriesInstanceUID") or path), int(header.Rows), int(header.Columns))
+            series.setdefault(key, []).append((path, header))
+        else:
+            volumes.append((kind, [path], file_stem(path), *_dicom_identity(header)))
+    for (uid, _, _), members in series.items():
+        paths = [path for path, _ in members]
+        volume_id = file_stem(paths[0]) if len(paths) == 1 else f"{paths[0].parent.name}_{_short_hash(uid)}"
+        volumes.append(("dicom", paths, volume_id, *_dicom_identity(members[0][1])))
+    volumes.sort(key=lambda v: str(v[1][0]))
+
+    sources, taken = [], set()
+    for kind, files, volume_id, patient, modality in volumes:
+        volume_id = _safe_id(volume_id)
+        unique, n = volume_id, 1
+        while unique in taken:
+            n += 1
+            unique = f"{volume_id}_{n}"
+        taken.add(unique)
+        source = files[0] if len(files) == 1 else Path(os.path.commonpath(files))
+        sources.append(VolumeSource(kind, files, str(source), unique, patient or unique, modality))
+    return sources
+
+
+def _dicom_identity(header) -> tuple[str, str]:
+    """Returns (patient id, modality) from a DICOM header; ("", "other") for files without one."""
+    if header is None:
+        return "", "other"
+    modality = DICOM_MODALITIES.get(str(header.get("Modality") or "").upper(), "other")
+    return str(header.get("PatientID") or "").strip(), modality
+
+
+def file_stem(path: Path) -> str:
+    """File name without its image suffix (both parts of .nii.gz): the name group CSVs refer to."""
+    name = path.name
+    for suffix in (*NIFTI_SUFFIXES, *RASTER_SUFFIXES, ".dcm", ".dicom", ".ima"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _safe_id(text: str) -> str:
+    """Keeps ids usable as folder names on every OS."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "volume"
+
+
+def _short_hash(text: str) -> str:
+    """8 hex digits that tell series in one folder apart, stable across runs."""
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _one_line(exc: Exception) -> str:
+    """A library exception as one line, for InputError messages."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _plain(value):
+    """Converts pydicom values (DS, IS, UID, MultiValue, PersonName) to JSON-safe built-ins."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Number):
+        return float(value)
+    if isinstance(value, Sequence):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _frame_attr(ds, frame: int, sequence: str, keyword: str):
+    """Looks a value up in a frame's functional groups, then the shared ones, then the top level.
+
+    Enhanced (multi-frame) DICOM keeps geometry and rescale inside functional-group sequences; classic
+    DICOM keeps them at the top level. One lookup serves both.
+    """
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    for groups in (per_frame[frame : frame + 1], shared[:1]):
+        for item in groups:
+            values = item.get(sequence)
+            if values and keyword in values[0]:
+                return values[0].get(keyword)
+    return ds.get(keyword)
+
+
+def _dicom_pixels(ds, path: Path) -> np.ndarray:
+    """Decodes a DICOM's frames to float32 ``(F, H, W)`` physical values, MONOCHROME1 inverted."""
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise InputError(path, _no_pixels(ds))
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2")
+    if int(ds.get("SamplesPerPixel") or 1) != 1 or not photometric.startswith("MONOCHROME"):
+        raise InputError(path, f"{photometric} colour image; only grayscale (MONOCHROME1/2) can be denoised")
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        problem = f"cannot decode the pixel data ({getattr(syntax, 'name', syntax)}): {_one_line(exc)}."
+        raise InputError(path, f"{problem} {_decode_hint(syntax)}") from exc
+    raw = raw.reshape(-1, int(ds.Rows), int(ds.Columns)).astype(np.float64)
+    if photometric == "MONOCHROME1":  # 0 is white: mirror within the stored range
+        bits = int(ds.get("BitsStored") or 16)
+        signed = ds.get("PixelRepresentation") == 1
+        low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        raw = low + high - raw
+    slope, intercept = np.array([_rescale(ds, f) for f in range(len(raw))]).T[:, :, None, None]
+    return (raw * slope + intercept).astype(np.float32)
+
+
+def _decode_hint(syntax) -> str:
+    """What to do when pixel data cannot be decoded: install a plugin, convert the file, or it is damaged."""
+    if syntax is None or not syntax.is_compressed:
+        return "The file may be truncated or damaged."
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return "pydicom has no decoder for it; convert the file to uncompressed DICOM (e.g. gdcmconv --raw)."
+    if not decoder.is_available:
+        return "Install its decoder: pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg (or gdcm)."
+    return "The file may be truncated or damaged."
+
+
+def _rescale(ds, frame: int) -> list[float]:
+    """RescaleSlope and RescaleIntercept of one frame (stored value to physical unit, e.g. HU)."""
+    return [
+        float(_frame_attr(ds, frame, "PixelValueTransformationSequence", keyword) or default)
+        for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0))
+    ]
+
+
+def _slice_order(positions, orientations, fallback_keys, path) -> tuple[list[int], list[float] | None]:
+    """Orders slices along the acquisition axis and returns their positions on it (mm), if known.
+
+    DICOM files and frames come in no guaranteed order. Each slice's ImagePositionPatient projected on
+    the normal of its ImageOrientationPatient gives the physical order, also for oblique and
+    gantry-tilted stacks. Without full geometry, with mixed orientations, or when slices share a
+    position (repeats, time points), ``fallback_keys`` (InstanceNumber, file, frame) decide instead.
+    """
+    fallback = sorted(range(len(fallback_keys)), key=fallback_keys.__getitem__), None
+    if any(p is None for p in positions) or any(o is None for o in orientations):
+        return fallback
+    iop = np.asarray(orientations, dtype=float)
+    if not np.allclose(iop, iop[0], atol=1e-4):
+        return fallback
+    along = np.asarray(positions, dtype=float) @ np.cross(iop[0, :3], iop[0, 3:])
+    order = np.argsort(along, kind="stable")
+    if len(order) > 1 and np.min(np.diff(along[order])) < 1e-3:
+        logger.warning("%s: slices share a position (repeats, time points?); ordered by InstanceNumber", path)
+        return fallback
+    return order.tolist(), along[order].tolist()
+
+
+def _read_dicom(files: list[Path]):
+    """Stacks a series of single-frame files, or the frames of one multi-frame file, along Z."""
+    frames, positions, orientations, keys, origins, rescale = [], [], [], [], [], []
+    for n, path in enumerate(files):
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            raise InputError(path, f"cannot read DICOM, truncated or damaged ({_one_line(exc)})") from exc
+        pixels = _dicom_pixels(ds, path)
+        if n == 0:
+            first = ds
+        for f, frame in enumerate(pixels):
+            frames.append(frame)
+            positions.append(_plain(_frame_attr(ds, f, "PlanePositionSequence", "ImagePositionPatient")))
+            orientation = _frame_attr(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient")
+            orientations.append(_plain(orientation))
+            keys.append((int(ds.get("InstanceNumber") or 0), n, f))
+            origins.append((str(path), f, _plain(ds.get("SOPInstanceUID"))))
+            rescale.append(_rescale(ds, f))
+    order, along = _slice_order(positions, orientations, keys, files[0])
+    pixel_spacing = _frame_attr(first, 0, "PixelMeasuresSequence", "PixelSpacing")
+    pixel_spacing = _plain(pixel_spacing or first.get("ImagerPixelSpacing"))
+    thickness = _plain(_frame_attr(first, 0, "PixelMeasuresSequence", "SliceThickness"))
+    if along and len(along) > 1:
+        dz = float(np.median(np.diff(along)))
+    else:
+        dz = _plain(_frame_attr(first, 0, "PixelMeasuresSequence", "SpacingBetweenSlices")) or thickness
+    meta = {
+        "format": "dicom",
+        "files": list(dict.fromkeys(origins[i][0] for i in order)),
+        "frame_numbers": [origins[i][1] for i in order],
+        "SOPInstanceUIDs": [origins[i][2] for i in order],
+        "ImagePositionPatient": [positions[i] for i in order],
+        "ImageOrientationPatient": orientations[order[0]],
+        "slice_positions_mm": along,
+        "PixelSpacing": pixel_spacing,
+        "SliceThickness": thickness,
+        "spacing": [dz, *(pixel_spacing or [None, None])],
+        "rescale_slope_intercept": [rescale[i] for i in order],
+        "monochrome1_inverted": first.get("PhotometricInterpretation") == "MONOCHROME1",
+        "TransferSyntaxUID": str(first.file_meta.get("TransferSyntaxUID", "")),
+        **{k: _plain(first.get(k)) for k in _DICOM_KEYWORDS},
+    }
+    return np.stack([frames[i] for i in order]), meta
+
+
+def _read_nifti(files: list[Path]):
+    """Reads a 2D/3D NIfTI with slices along its last axis: ``array[z, h, w] = data[h, w, z]``."""
+    path = files[0]
+    try:
+        image = nib.load(path)
+        data = image.get_fdata(dtype=np.float32)
+    except Exception as exc:
+        raise InputError(path, f"cannot read NIfTI ({_one_line(exc)})") from exc
+    shape = data.shape
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (2, 3):
+        raise InputError(path, f"{len(shape)}D data of shape {shape}; expected 2D or 3D. Split the volumes")
+    data = data.reshape(*data.shape[:2], -1)
+    zooms = ([float(z) for z in image.header.get_zooms()[:3]] + [None])[:3]  # no slice spacing in 2D
+    meta = {
+        "format": "nifti",
+        "files": [str(path)],
+        "affine": image.affine.tolist(),
+        "spacing": [zooms[2], zooms[0], zooms[1]],
+        "axes": "array[z, h, w] = nifti[h, w, z]",
+        "nifti_shape": list(shape),
+        "nifti_dtype": str(image.get_data_dtype()),
+    }
+    return np.ascontiguousarray(np.moveaxis(data, -1, 0)), meta
+
+
+def _read_raster(files: list[Path]):
+    """Reads an 8/16-bit grayscale PNG or TIFF; TIFF pages become slices."""
+    path = files[0]
+    try:
+        with Image.open(path) as image:
+            pages = [(page.mode, np.array(page)) for page in ImageSequence.Iterator(image)]
+    except Exception as exc:
+        raise InputError(path, f"cannot read image ({_one_line(exc)})") from exc
+    modes = sorted({mode for mode, _ in pages})
+    if any(mode not in _GRAY_MODES for mode in modes):
+        raise InputError(path, f"{'/'.join(modes)} image; only 8/16-bit grayscale is supported. Convert it")
+    if len({pixels.shape for _, pixels in pages}) > 1:
+        raise InputError(path, "TIFF pages differ in size; save them as separate files")
+    meta = {"format": path.suffix.lower()[1:], "files": [str(path)], "mode": modes[0], "spacing": [None] * 3}
+    return np.stack([pixels for _, pixels in pages]).astype(np.float32), meta
+
+
+def _lenient_headers():
+    """Skips pydicom's value checks, whose warnings (e.g. on anonymised UIDs) say nothing about pixels."""
+    return pydicom.config.disable_value_validation()
+
+
+_READERS = {"dicom": _read_dicom, "nifti": _read_nifti, "raster": _read_raster}
