@@ -1,0 +1,3 @@
+"""Networks: the exactly blind BSN (stage 1)."""
+
+from .bsn import BlindSpotNet
