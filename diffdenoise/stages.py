@@ -1,0 +1,124 @@
+"""Running the bundle's stages and handing one stage's outputs to the next.
+
+Each stage is a MONAI bundle config (``bundles/diffdenoise/configs/*.yaml``) merged over ``common.yaml``
+and followed by overlays (``configs/presets/*.yaml``, ``configs/noise/*.yaml``). This module finds those
+files whether the package runs from a clone or from an installed wheel, runs a stage through
+``monai.bundle.run``, and writes per-slice outputs of a trained stage (x_c of the BSN, say) next to the
+prepared slices with a datalist that the next stage reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffdenoise.data import load_datalist
+from diffdenoise.errors import InputError
+
+SPLITS = ("training", "validation", "test")
+
+
+def _resource_root() -> Path:
+    """The folder holding ``bundles/`` and ``configs/``: the clone (editable install) or ``<prefix>/share``."""
+    for root in (Path(__file__).resolve().parents[1], Path(sys.prefix) / "share" / "diffdenoise"):
+        if (root / "bundles" / "diffdenoise" / "configs" / "common.yaml").is_file():
+            return root
+    raise FileNotFoundError(
+        "bundle configs not found beside the package nor under <prefix>/share/diffdenoise; "
+        "reinstall with `pip install -e .` from the repository root"
+    )
+
+
+def bundle_dir() -> Path:
+    """The shipped bundle ``bundles/diffdenoise``."""
+    return _resource_root() / "bundles" / "diffdenoise"
+
+
+def overlay_path(name: str) -> Path:
+    """An overlay from ``configs/``, e.g. ``presets/cpu`` or ``noise/correlated``, as a file path."""
+    path = _resource_root() / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(str(p.relative_to(path.parents[1]))[:-5] for p in path.parents[1].glob("*/*.yaml"))
+        raise ValueError(f"overlay '{name}' not found; available: {', '.join(available)}")
+    return path
+
+
+def stage_config_files(stage: str, overlays: Sequence[str] = ()) -> list[str]:
+    """``common.yaml``, the stage's config, then the overlays, in merge order."""
+    configs = bundle_dir() / "configs"
+    stage_file = configs / f"{stage}.yaml"
+    if not stage_file.is_file():
+        available = sorted(p.stem for p in configs.glob("*.yaml") if p.stem != "common")
+        raise ValueError(f"stage '{stage}' has no config; available: {', '.join(available)}")
+    return [str(configs / "common.yaml"), str(stage_file)] + [str(overlay_path(o)) for o in overlays]
+
+
+def run_stage(stage: str, overlays: Sequence[str] = (), **overrides) -> None:
+    """Run one stage exactly as ``python -m monai.bundle run --config_file [...] --key value`` would."""
+    from monai.bundle import run
+
+    run(config_file=stage_config_files(stage, overlays), **overrides)
+
+
+def write_stage_outputs(
+    datalist_path: str | os.PathLike,
+    key: str,
+    network: torch.nn.Module,
+    inferer: Callable,
+    device: str | torch.device = "cpu",
+    input_keys: Sequence[str] = ("image",),
+    progress: bool = True,
+) -> Path:
+    """Run ``inferer(inputs, network)`` on every slice of every split and store the result under ``key``.
+
+    The outputs go to ``<dataset>/<key>/<id>.npy`` (float32, (H, W)) and a datalist
+    ``<dataset>/datalist_<key>.json`` repeats the input datalist with ``key`` added to each item, so the
+    next stage reads both. Extra ``input_keys`` (e.g. ``("image", "bsn")``) are passed to the inferer as
+    ``condition=`` after the first. Files are written to a temporary folder and renamed at the end.
+
+    Returns:
+        The path of the new datalist.
+    """
+    datalist_path = Path(datalist_path)
+    if not datalist_path.is_file():
+        raise InputError(datalist_path, "datalist not found; run `diffdenoise prepare` first")
+    dataset_dir = datalist_path.parent
+    raw = json.loads(datalist_path.read_text())
+    out_dir = dataset_dir / key
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=dataset_dir))
+    device = torch.device(device)
+    network = network.to(device).eval()
+    result: dict = {"meta": {**raw.get("meta", {}), "stage_output": key, "inputs": list(input_keys)}}
+    for split in SPLITS:
+        items = load_datalist(datalist_path, split)
+        result[split] = []
+        for raw_item, item in tqdm(list(zip(raw.get(split, []), items)), desc=f"{key} ({split})", disable=not progress):
+            tensors = [torch.from_numpy(np.load(item[k]))[None, None].float().to(device) for k in input_keys]
+            with torch.inference_mode():
+                kwargs = {"condition": tensors[1]} if len(tensors) > 1 else {}
+                pred = inferer(tensors[0], network, **kwargs)
+            target = tmp_dir / f"{item['id']}.npy"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, pred[0, 0].float().cpu().numpy())
+            result[split].append({**raw_item, key: f"{key}/{item['id']}.npy"})
+    if out_dir.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{key}-stale-", dir=dataset_dir))
+        out_dir.rename(stale / key)
+        tmp_dir.rename(out_dir)
+        shutil.rmtree(stale)
+    else:
+        tmp_dir.rename(out_dir)
+    new_datalist = dataset_dir / f"datalist_{key}.json"
+    tmp_json = new_datalist.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps(result, indent=1))
+    tmp_json.replace(new_datalist)
+    return new_datalist
