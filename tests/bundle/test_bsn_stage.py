@@ -1,0 +1,73 @@
+"""Stage 1 as a user runs it: the README's bundle command trains the BSN, infer_bsn writes x_c, x_c beats the input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from diffdenoise.data import load_datalist, prepare
+from diffdenoise.metrics import score_datalist
+from diffdenoise.stages import run_stage, stage_config_files
+
+STUDYFORREST = "brain_mri_t1_axial_studyforrest/series"
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data, tmp_path_factory):
+    """Studyforrest slices with Gaussian 15/255 noise, a BSN trained with the smoke preset from the command line."""
+    root = tmp_path_factory.mktemp("bsn_stage")
+    data = root / "data"
+    prepare(shared_data / STUDYFORREST, data, noise="gaussian", level=15 / 255, modality="mri", seed=0, progress=False)
+    bundle_root = root / "bundle"
+    files = "['bundles/diffdenoise/configs/common.yaml','bundles/diffdenoise/configs/train_bsn.yaml','configs/presets/smoke.yaml']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files,
+           "--dataset_dir", str(data), "--bundle_root", str(bundle_root)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return data, bundle_root, done.stderr + done.stdout
+
+
+def test_training_reports_self_supervised_loss_and_monitoring_psnr(trained):
+    _, bundle_root, log = trained
+    assert (bundle_root / "models" / "bsn.pt").is_file()
+    assert "val_blind_spot_mse" in log and "val_psnr" in log
+    assert list((bundle_root / "logs").glob("events.out.tfevents.*")), "TensorBoard logs missing"
+
+
+def test_x_c_beats_the_noisy_input_on_the_test_split(trained):
+    data, bundle_root, _ = trained
+    run_stage("infer_bsn", ["presets/smoke"], dataset_dir=str(data), bundle_root=str(bundle_root))
+    datalist = data / "datalist_bsn.json"
+    for split in ("training", "validation", "test"):
+        items = load_datalist(datalist, split)
+        assert items and all(np.load(i["bsn"]).shape == np.load(i["image"]).shape for i in items)
+    scores = score_datalist(datalist, ["image", "bsn"])
+    noisy, bsn = scores["image"]["psnr"].mean(), scores["bsn"]["psnr"].mean()
+    assert bsn > noisy + 1.0, f"BSN {bsn:.2f} dB vs noisy {noisy:.2f} dB"
+    assert (scores["bsn"]["psnr"] > scores["image"]["psnr"]).all()
+
+
+def test_training_works_without_clean_slices(trained, tmp_path):
+    """A datalist with no clean key (real noise, the use case) trains and validates on the blind-spot loss alone."""
+    data, _, _ = trained
+    listing = json.loads((data / "datalist.json").read_text())
+    for split in ("training", "validation", "test"):
+        for item in listing[split]:
+            item.pop("clean")
+    noisy_only = tmp_path / "data"
+    noisy_only.mkdir()
+    (noisy_only / "slices").symlink_to(data / "slices")
+    (noisy_only / "datalist.json").write_text(json.dumps(listing))
+    run_stage("train_bsn", ["presets/smoke"], dataset_dir=str(noisy_only), bundle_root=str(tmp_path / "bundle"),
+              epoch_length=5, max_epochs=1)
+    assert (tmp_path / "bundle" / "models" / "bsn.pt").is_file()
+
+
+def test_unknown_stage_and_overlay_name_the_choices():
+    with pytest.raises(ValueError, match="available: .*train_bsn"):
+        stage_config_files("train_bs")
+    with pytest.raises(ValueError, match="presets/cpu"):
+        stage_config_files("train_bsn", ["presets/cpuu"])
