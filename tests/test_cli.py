@@ -1,0 +1,37 @@
+"""The `diffdenoise` command as a user meets it: the demo end to end, and one-line errors for bad input."""
+
+import re
+import subprocess
+import sys
+
+from diffdenoise.cli import main
+
+
+def test_demo_runs_offline_and_reports_every_built_stage(tmp_path):
+    """The README's main command with the smoke preset: real MRI from nilearn, a report whose BSN row beats noisy."""
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "diffdenoise.cli", "demo", "--preset", "smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) \+-", report, flags=re.M))
+    assert float(rows["BSN x_c (stage 1)"]) > float(rows["noisy input"]) + 1.0, report
+    assert (out / "figures" / "demo_comparison.png").stat().st_size > 10_000
+
+
+def test_prepare_missing_input_is_one_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["prepare", str(missing), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and err[0].startswith("diffdenoise: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_output_inside_input_is_refused(shared_data, tmp_path, capsys):
+    src = tmp_path / "pngs"
+    src.mkdir()
+    png = next((shared_data / "chest_xray_mhh" / "png").glob("*.png"))
+    (src / png.name).write_bytes(png.read_bytes())
+    assert main(["prepare", str(src), str(src / "out")]) == 2
+    assert "inside" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == [png.name]
