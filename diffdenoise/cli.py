@@ -14,7 +14,7 @@ from diffdenoise.errors import InputError
 
 def prepare(src: str, out: str, noise: str | None = None, level: float | None = None, correlation: float = 0.0,
             modality: str | None = None, seed: int = 0, ct_window: tuple = (-100.0, 200.0),
-            groups: str | None = None) -> str:
+            groups: str | None = None, downsample: int = 1) -> str:
     """Cut DICOM/NIfTI/PNG/TIFF input into normalised 2D slices with train/val/test splits and a datalist.
 
     Without --noise the input is taken as already noisy (the real use case). With --noise (gaussian,
@@ -22,12 +22,15 @@ def prepare(src: str, out: str, noise: str | None = None, level: float | None = 
     --level is sigma, lambda or alpha (default: the paper's level for the modality); --correlation is
     the Gaussian kernel sigma of spatially correlated noise.
 
+    --downsample 2 averages 2x2 pixel blocks first, halving the noise a "clean" reference carries.
+
     Example: diffdenoise prepare ../shared/data/brain_mri_t1_axial_studyforrest/series runs/data/sf --noise gaussian --level 0.0235
     """
     from diffdenoise.data import prepare as prepare_slices
 
     return str(prepare_slices(src, out, noise=noise, level=level, correlation=correlation, modality=modality,
-                              seed=seed, ct_window=tuple(ct_window), groups=groups))
+                              seed=seed, ct_window=tuple(ct_window), groups=groups,
+                              downsample=downsample))
 
 
 def stage(name: str, *overlays: str, **overrides) -> None:

@@ -197,3 +197,19 @@ def test_normalise_rules():
     assert scaled[5000] == pytest.approx(5000 / (np.percentile(mri, 99.9) - 5))
     assert not normalise(np.full((2, 4, 4), 7.0), "xray").any()
     assert is_background(np.zeros((10, 10))) and not is_background(np.pad(np.ones((3, 3)), 3))
+
+
+def test_downsample_averages_2x2_blocks_before_the_noise(shared_data, tmp_path):
+    """The reference is the exact 2x2 block mean of the full-size clean slice (i.i.d. noise in it halves),
+    and the synthetic noise keeps its level at the new size."""
+    src = shared_data / "brain_mri_t1_axial_studyforrest" / "series"
+    full = load_datalist(prepare(src, tmp_path / "full", noise="gaussian", level=6 / 255, progress=False), "test")
+    half = load_datalist(prepare(src, tmp_path / "half", noise="gaussian", level=6 / 255, downsample=2,
+                                 progress=False), "test")
+    a, b = np.load(full[0]["clean"]), np.load(half[0]["clean"])
+    h, w = a.shape[0] // 2, a.shape[1] // 2
+    np.testing.assert_allclose(b, a[: 2 * h, : 2 * w].reshape(h, 2, w, 2).mean(axis=(1, 3)), atol=1e-6)
+    noise = np.load(half[0]["image"]) - b
+    assert abs(noise.std() * 255 - 6) < 0.3
+    with pytest.raises(ValueError, match="downsample"):
+        prepare(src, tmp_path / "bad", downsample=0, progress=False)
