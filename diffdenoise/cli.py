@@ -53,12 +53,24 @@ def demo(out: str = "diffdenoise_demo", preset: str = "cpu", noise: str = "gauss
     return str(report)
 
 
+def _input_error(err: BaseException) -> InputError | None:
+    """The InputError behind ``err``, also when a MONAI config expression wrapped it in a RuntimeError."""
+    while err is not None:
+        if isinstance(err, InputError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     try:
         fire.Fire({"prepare": prepare, "stage": stage, "demo": demo}, command=argv, name="diffdenoise")
-    except InputError as err:
-        print(f"diffdenoise: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - only bad input is turned into a one-line message
+        cause = _input_error(err)
+        if cause is None:
+            raise
+        print(f"diffdenoise: error: {cause}", file=sys.stderr)
         return 2
     return 0
 

@@ -35,3 +35,10 @@ def test_prepare_output_inside_input_is_refused(shared_data, tmp_path, capsys):
     assert main(["prepare", str(src), str(src / "out")]) == 2
     assert "inside" in capsys.readouterr().err
     assert sorted(p.name for p in src.iterdir()) == [png.name]
+
+
+def test_stage_without_its_checkpoint_names_the_key(tmp_path, capsys):
+    """A stage handed a missing file fails at start with the config key, not a MONAI traceback."""
+    assert main(["stage", "infer_bsn", "presets/smoke", "--bundle_root", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bsn_ckpt" in err[0] and "bsn.pt" in err[0]
