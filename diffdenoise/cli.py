@@ -1,4 +1,4 @@
-"""The ``diffdenoise`` command (fire): ``prepare``, ``stage``, ``demo``.
+"""The ``diffdenoise`` command (fire): ``prepare``, ``stage``, ``demo``, ``denoise``.
 
 Bad input ends with one line on stderr naming the file and the problem, and exit status 2; no traceback.
 """
@@ -53,6 +53,27 @@ def demo(out: str = "diffdenoise_demo", preset: str = "cpu", noise: str = "gauss
     return str(report)
 
 
+def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = None, device: str | None = None,
+            overwrite: bool = False, series: str | None = None, config: tuple = (), modality: str | None = None,
+            ct_window: tuple = (-100.0, 200.0), batch_size: int = 8) -> str:
+    """Denoise DICOM series/files, NIfTI, PNG or TIFF (or a folder of them) with a trained bundle.
+
+    Writes OUT/<name> in the input's format (a DICOM series becomes a derived series) and OUT/<name>.json.
+    --bundle DIR holds configs/*.yaml and models/*.pt (default: the shipped bundles/diffdenoise); --mode
+    bsn|student|srds (default student if models/model.pt exists, else bsn); --config the overlays the model
+    was trained with (paths or names such as presets/cpu); --series one SeriesInstanceUID; --modality and
+    --ct_window as given to prepare.
+
+    Example: diffdenoise denoise ../shared/data/head_ct_ge/series runs/denoised/head_ct --bundle runs/bundle --config presets/cpu
+    """
+    from diffdenoise.denoise import denoise as denoise_folder
+
+    config = [config] if isinstance(config, str) else list(config)
+    return str(denoise_folder(src, out, bundle=bundle, mode=mode, device=device, overwrite=overwrite,
+                              series=None if series is None else str(series), config=config, modality=modality,
+                              ct_window=tuple(ct_window), batch_size=batch_size))
+
+
 def _input_error(err: BaseException) -> InputError | None:
     """The InputError behind ``err``, also when a MONAI config expression wrapped it in a RuntimeError."""
     while err is not None:
@@ -65,7 +86,8 @@ def _input_error(err: BaseException) -> InputError | None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     try:
-        fire.Fire({"prepare": prepare, "stage": stage, "demo": demo}, command=argv, name="diffdenoise")
+        fire.Fire({"prepare": prepare, "stage": stage, "demo": demo, "denoise": denoise}, command=argv,
+                  name="diffdenoise")
     except Exception as err:  # noqa: BLE001 - only bad input is turned into a one-line message
         cause = _input_error(err)
         if cause is None:

@@ -1,4 +1,4 @@
-"""Reading image volumes for denoising: DICOM series, multi-frame DICOM, NIfTI, PNG and TIFF.
+"""Reading and writing image volumes for denoising: DICOM series, multi-frame DICOM, NIfTI, PNG and TIFF.
 
 Every reader gives a ``Volume``: a float32 ``(Z, H, W)`` array in physical units (HU for CT) with slices
 along the acquisition axis, plus the geometry and identifiers a writer needs to put a denoised volume
@@ -6,12 +6,18 @@ back (``Volume.meta``, JSON-safe). Folders are searched recursively and DICOM fi
 content, not extension; files that are not images are skipped with a logged warning. Bad input raises
 ``InputError`` naming the file and the problem in one line. Input files are only ever opened for reading.
 
+``write_volume`` is the inverse: a processed array goes back in the format it came from, with the input's
+geometry, identifiers and stored bit depth (a DICOM becomes a derived series), and ``atomic_folder``
+makes a whole output folder appear at once or not at all.
+
 Example::
 
-    from diffdenoise.io import read_volumes
+    from diffdenoise.io import atomic_folder, read_volumes, write_volume
 
-    for volume in read_volumes("../shared/data/head_ct_ge/series"):
-        print(volume.volume_id, volume.modality, volume.array.shape, volume.meta["spacing"])
+    with atomic_folder("/tmp/smoothed") as tmp:
+        for volume in read_volumes("../shared/data/head_ct_ge/series"):
+            print(volume.volume_id, volume.modality, volume.array.shape, volume.meta["spacing"])
+            write_volume(volume, volume.array, tmp / volume.volume_id, derivation="unchanged copy")
 """
 
 import hashlib
@@ -19,7 +25,10 @@ import logging
 import numbers
 import os
 import re
+import shutil
+import uuid
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +36,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import Image, ImageSequence
+from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from diffdenoise.errors import InputError
 
@@ -294,10 +305,7 @@ def _dicom_pixels(ds, path: Path) -> np.ndarray:
         raise InputError(path, f"{problem} {_decode_hint(syntax)}") from exc
     raw = raw.reshape(-1, int(ds.Rows), int(ds.Columns)).astype(np.float64)
     if photometric == "MONOCHROME1":  # 0 is white: mirror within the stored range
-        bits = int(ds.get("BitsStored") or 16)
-        signed = ds.get("PixelRepresentation") == 1
-        low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-        raw = low + high - raw
+        raw = sum(_stored_range(ds)) - raw
     slope, intercept = np.array([_rescale(ds, f) for f in range(len(raw))]).T[:, :, None, None]
     return (raw * slope + intercept).astype(np.float32)
 
@@ -313,6 +321,14 @@ def _decode_hint(syntax) -> str:
     if not decoder.is_available:
         return "Install its decoder: pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg (or gdcm)."
     return "The file may be truncated or damaged."
+
+
+def _stored_range(ds) -> tuple[int, int]:
+    """The lowest and highest stored pixel value that BitsStored and PixelRepresentation allow."""
+    bits = int(ds.get("BitsStored") or 16)
+    if ds.get("PixelRepresentation") == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
 
 
 def _rescale(ds, frame: int) -> list[float]:
@@ -441,3 +457,212 @@ def _lenient_headers():
 
 
 _READERS = {"dicom": _read_dicom, "nifti": _read_nifti, "raster": _read_raster}
+
+# ---- writing ----
+
+DERIVED_SERIES_SUFFIX = " [diffdenoise]"  # appended to SeriesDescription of a written DICOM series
+# Header fields a changed image may contradict; they are optional, so they are dropped rather than guessed.
+_STALE_DICOM_KEYWORDS = (
+    "SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+)  # fmt: skip
+# PIL mode -> pixel type written back (the reader accepts these and "1", which denoising refuses).
+_RASTER_DTYPES = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.int32,
+                  "F": np.float32}  # fmt: skip
+
+
+def write_volume(volume: Volume, array, dest, derivation: str = "", series_uids: dict | None = None) -> Path:
+    """Writes ``array`` in the format, geometry and bit depth ``volume`` was read with; inverse of the readers.
+
+    DICOM becomes a derived series: new SeriesInstanceUID (one per source series, shared through
+    ``series_uids``) and SOPInstanceUIDs, ImageType DERIVED\\SECONDARY, SeriesDescription + " [diffdenoise]",
+    DerivationDescription; geometry, patient and study tags kept; stored values of the input's
+    BitsAllocated/BitsStored/PixelRepresentation under the input's rescale, MONOCHROME1 inverted back;
+    compressed input is written as Explicit VR Little Endian. A multi-frame file stays multi-frame.
+    NIfTI is written as float32 with the input's affine and header (``scl_slope`` 1: the values are
+    physical, so nothing is re-quantised). PNG/TIFF keep their bit depth (PIL mode) and pages.
+    Integer outputs are rounded and clipped to what the stored type holds.
+
+    Args:
+        volume: the volume as read (its ``meta`` and source files are used, never modified).
+        array: float ``(Z, H, W)`` in the physical units of ``volume.array`` (HU for CT).
+        dest: output path without suffix. A DICOM series of several files becomes the folder ``dest``
+            holding one file per input file, named as the input's; anything else becomes one file,
+            ``dest`` + the input's suffix (``.dcm`` for DICOM).
+        derivation: what was done, for DICOM DerivationDescription and the NIfTI ``descrip`` field.
+        series_uids: maps source SeriesInstanceUIDs to new ones; pass one dict for all volumes of a run
+            so that the multi-frame files of one source series stay one derived series.
+
+    Returns:
+        The written file or folder.
+
+    Raises:
+        ValueError: ``array`` has another shape than ``volume.array``.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    if array.shape != volume.array.shape:
+        raise ValueError(f"array shape {array.shape} differs from the volume's {volume.array.shape}")
+    dest, meta = Path(dest), volume.meta
+    if meta["format"] == "dicom":
+        with _lenient_headers():
+            return _write_dicom(meta, array, dest, derivation, {} if series_uids is None else series_uids)
+    if meta["format"] == "nifti":
+        return _write_nifti(meta, array, dest, derivation)
+    return _write_raster(meta, array, dest)
+
+
+def check_output_folder(out, src, overwrite: bool = False) -> None:
+    """Refuses an output folder that would destroy results or input, before any work is done.
+
+    Args:
+        out: the output folder to be created.
+        src: the input file or folder.
+        overwrite: allow replacing an existing ``out``.
+
+    Raises:
+        InputError: ``out`` is named like an image file (it is a folder), lies inside ``src`` (it would be
+            read back as input), holds ``src`` (replacing it would delete the input), or exists, is not
+            an empty folder and ``overwrite`` is off.
+    """
+    out, src = Path(out), Path(src)
+    if out.name.lower().endswith((*NIFTI_SUFFIXES, *RASTER_SUFFIXES, ".dcm")):
+        raise InputError(out, "the output is a folder (one output and one .json report per input); name a folder")
+    src_abs, out_abs = src.resolve(), out.resolve()
+    if out_abs == src_abs or src_abs in out_abs.parents:
+        raise InputError(out, f"output is inside the input folder {src}; put it elsewhere")
+    if out_abs in src_abs.parents:
+        raise InputError(out, f"output folder holds the input {src}; replacing it would delete the input")
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise InputError(out, "output already exists; replace it with --overwrite or pick a new folder")
+
+
+@contextmanager
+def atomic_folder(out, overwrite: bool = False):
+    """Yields a hidden folder beside ``out`` that becomes ``out`` only if the block finishes.
+
+    Readers never see a half-written output, and a failure leaves none: the folder is built under a
+    temporary name on the same filesystem and renamed. With ``overwrite`` an existing ``out`` is moved
+    aside first and deleted after the rename; otherwise ``out`` may only be an empty folder.
+
+    Args:
+        out: the output folder to create.
+        overwrite: replace an existing ``out``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"  # not mkdtemp: its 0700 mode would stick
+    tmp.mkdir()
+    stale = tmp.with_suffix(".old")
+    try:
+        yield tmp
+        if overwrite and out.exists():
+            out.rename(stale)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if stale.exists() and not out.exists():  # the rename failed: put the old output back
+            stale.rename(out)
+        raise
+    if stale.is_dir():
+        shutil.rmtree(stale)
+    elif stale.exists():
+        stale.unlink()
+
+
+def _quantise(values: np.ndarray, dtype, low=None, high=None) -> np.ndarray:
+    """Rounds to the nearest value ``dtype`` holds within [low, high] (default: all it holds); floats pass."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return values.astype(dtype)
+    info = np.iinfo(dtype)
+    low, high = info.min if low is None else low, info.max if high is None else high
+    return np.clip(np.rint(values), low, high).astype(dtype)
+
+
+def _write_dicom(meta: dict, array: np.ndarray, dest: Path, derivation: str, series_uids: dict) -> Path:
+    """One output file per input file; slices go back to the file and frame they were read from."""
+    files = meta["files"] if len(meta["files"]) == len(array) else meta["files"] * len(array)
+    slices_of: dict[str, list[tuple[int, int]]] = {}  # file -> [(frame, slice index)]
+    for k, (path, frame) in enumerate(zip(files, meta["frame_numbers"])):
+        slices_of.setdefault(path, []).append((frame, k))
+    series_uid = series_uids.setdefault(meta["SeriesInstanceUID"], generate_uid())
+    if len(slices_of) == 1:
+        targets = [dest.with_name(dest.name + ".dcm")]
+    else:
+        names = [Path(path).name for path in slices_of]
+        if len(set(names)) < len(names):  # same name in different subfolders
+            names = [f"{n:04d}.dcm" for n in range(len(names))]
+        dest.mkdir()
+        targets = [dest / name for name in names]
+    for (path, members), target in zip(slices_of.items(), targets):
+        ds = pydicom.dcmread(path, defer_size="1 MB")  # the old pixel data is replaced, never loaded
+        low, high = _stored_range(ds)
+        stored = np.empty((len(members), int(ds.Rows), int(ds.Columns)), _dicom_dtype(ds, path))
+        for frame, k in members:
+            slope, intercept = _rescale(ds, frame)
+            raw = (array[k].astype(np.float64) - intercept) / slope
+            if meta["monochrome1_inverted"]:
+                raw = low + high - raw
+            stored[frame] = _quantise(raw, stored.dtype, low, high)
+        _derive(ds, stored, series_uid, derivation)
+        ds.save_as(target, enforce_file_format=True)
+    return targets[0] if len(targets) == 1 else dest
+
+
+def _dicom_dtype(ds, path) -> np.dtype:
+    """The integer type of the stored pixels (BitsAllocated, PixelRepresentation)."""
+    bits = int(ds.BitsAllocated)
+    if "PixelData" not in ds or bits not in (8, 16, 32):
+        raise InputError(path, f"{bits}-bit or float pixel data cannot be written back; only 8/16/32-bit integers")
+    return np.dtype(f"{'i' if ds.get('PixelRepresentation') == 1 else 'u'}{bits // 8}")
+
+
+def _derive(ds, stored: np.ndarray, series_uid: str, derivation: str) -> None:
+    """Turns a source dataset into a derived image of the same geometry that carries ``stored`` pixels."""
+    if ds.file_meta.get("TransferSyntaxUID") not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    data = stored.astype(stored.dtype.newbyteorder("<"), copy=False).tobytes()
+    ds["PixelData"] = DataElement(0x7FE00010, "OB" if stored.itemsize == 1 else "OW", data + b"\0" * (len(data) % 2))
+    for keyword in _STALE_DICOM_KEYWORDS:
+        if keyword in ds:
+            del ds[keyword]
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid
+    image_type = ds.get("ImageType") or []
+    ds.ImageType = ["DERIVED", "SECONDARY", *([image_type] if isinstance(image_type, str) else image_type)[2:]]
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for item in ds.get(groups) or []:  # Enhanced IODs repeat value 1 of ImageType per frame
+            for elem in item:
+                if elem.keyword.endswith("FrameTypeSequence") and elem.value and "FrameType" in elem.value[0]:
+                    elem.value[0].FrameType = ["DERIVED", *elem.value[0].FrameType[1:]]
+    description = str(ds.get("SeriesDescription") or "")
+    ds.SeriesDescription = (description[: 64 - len(DERIVED_SERIES_SUFFIX)] + DERIVED_SERIES_SUFFIX).lstrip()  # LO
+    ds.DerivationDescription = derivation
+
+
+def _input_suffix(path: str, suffixes: Sequence[str]) -> str:
+    """The input's own suffix (``.nii.gz`` counts as one), so the output opens with the same tools."""
+    return next(s for s in suffixes if path.lower().endswith(s))
+
+
+def _write_nifti(meta: dict, array: np.ndarray, dest: Path, derivation: str) -> Path:
+    """float32 with the input's affine, header and shape (trailing unit axes included)."""
+    path = meta["files"][0]
+    source = nib.load(path)
+    header = source.header.copy()
+    header.set_data_dtype(np.float32)
+    header["descrip"] = derivation[:79]  # 80 bytes, NUL-terminated
+    data = np.moveaxis(array, 0, -1).reshape(meta["nifti_shape"])
+    target = dest.with_name(dest.name + _input_suffix(path, NIFTI_SUFFIXES))
+    nib.save(type(source)(data, source.affine, header), target)
+    return target
+
+
+def _write_raster(meta: dict, array: np.ndarray, dest: Path) -> Path:
+    """The input's PIL mode (8/16/32-bit integer or float) and page count; TIFF pages stay pages."""
+    path = meta["files"][0]
+    pages = [Image.fromarray(_quantise(page, _RASTER_DTYPES[meta["mode"]])) for page in array]
+    target = dest.with_name(dest.name + _input_suffix(path, RASTER_SUFFIXES))
+    pages[0].save(target, save_all=len(pages) > 1, append_images=pages[1:])
+    return target

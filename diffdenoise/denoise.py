@@ -1,0 +1,364 @@
+"""Denoising scans with a trained bundle: DICOM/NIfTI/PNG/TIFF in, the same format out, plus a JSON report.
+
+Per volume: read (``diffdenoise.io``); normalise as in training (``diffdenoise.data.intensity_range``: CT
+through the HU window, other modalities min..p99.9 of the volume); denoise slice by slice along the
+acquisition axis, a batch at a time; map back to physical units, replacing only values inside the
+normalisation range, because clipping destroyed the others (they pass through unchanged); write in the
+input's format (``diffdenoise.io.write_volume``). The output folder appears whole or not at all.
+
+Models come from a bundle folder ``DIR/configs/*.yaml`` + ``DIR/models/*.pt``. ``MODES`` says per mode
+which checkpoint to load and which config keys build its network and inferer, so a new stage is one row.
+
+Example::
+
+    from diffdenoise.denoise import denoise
+
+    out = denoise("../shared/data/head_ct_ge/series", "/tmp/head_ct_denoised", bundle="bundles/diffdenoise",
+                  mode="bsn", config=["presets/cpu"], device="cpu")
+    # /tmp/head_ct_denoised/series_<hash>/01.dcm ... (a derived DICOM series) + series_<hash>.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import pydicom
+import torch
+from monai.bundle import ConfigParser
+from skimage.restoration import estimate_sigma
+from tqdm import tqdm
+
+from diffdenoise import __version__
+from diffdenoise.data import NORMALISATION_RULE, _scale, intensity_range
+from diffdenoise.errors import InputError
+from diffdenoise.io import (
+    MODALITIES,
+    Volume,
+    VolumeSource,
+    _one_line,
+    atomic_folder,
+    check_output_folder,
+    scan_volumes,
+    write_volume,
+)
+from diffdenoise.stages import bundle_dir, overlay_path
+
+MIN_SLICE_SIZE = 16  # pixels per side: below this a blind-spot net has almost no context to predict from
+
+
+class Mode(NamedTuple):
+    """Where a denoising mode's model lives in a bundle."""
+
+    checkpoint: str  # file under DIR/models
+    network_key: str  # config key of the network definition
+    inferer_key: str  # config key of the inferer, called as inferer(inputs, network)
+    configs: tuple[str, ...]  # files under DIR/configs that define both keys, in merge order
+    trained_by: str  # the stage that writes the checkpoint, for the error when it is missing
+
+
+MODES = {
+    "bsn": Mode("bsn.pt", "bsn_def", "bsn_inferer", ("common.yaml",), "stage 1"),
+    "student": Mode("model.pt", "network_def", "inferer", ("common.yaml", "inference.yaml"), "stage 4"),
+    "srds": Mode("diffusion.pt", "diffusion_def", "srds_inferer", ("common.yaml", "sample_srds.yaml"), "stage 2"),
+}
+
+
+@dataclass
+class Model:
+    """A network with its inferer, denoising batches of normalised slices; the provenance goes in reports.
+
+    Args:
+        mode: a key of ``MODES``.
+        network: the torch module, in eval mode on ``device``.
+        inferer: called as ``inferer(inputs, network)`` on (B, 1, H, W) tensors in [0, 1].
+        device: where batches are sent.
+        checkpoint: the weights file.
+        sha256: its hash.
+        configs: the config files the network and inferer were built from.
+    """
+
+    mode: str
+    network: torch.nn.Module
+    inferer: Callable
+    device: torch.device
+    checkpoint: Path
+    sha256: str
+    configs: list[str] = field(default_factory=list)
+
+    def __call__(self, slices: np.ndarray) -> np.ndarray:
+        """Denoises float32 (B, H, W) slices in [0, 1]; returns float32 (B, H, W), not clipped."""
+        x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None].to(self.device)
+        with torch.inference_mode():
+            y = self.inferer(x, self.network)
+        return y[:, 0].float().cpu().numpy()
+
+
+def load_model(bundle=None, mode: str | None = None, device: str | None = None, config: Sequence[str] = ()) -> Model:
+    """Builds a mode's network and inferer from a bundle's configs and loads its checkpoint.
+
+    Args:
+        bundle: folder with ``configs/common.yaml`` and ``models/*.pt``; None is the shipped
+            ``bundles/diffdenoise``.
+        mode: a key of ``MODES``; None picks "student" when ``models/model.pt`` exists, else "bsn".
+        device: "cpu", "cuda" or "cuda:N"; None picks cuda when available.
+        config: overlays merged after the bundle's configs, as in training: YAML/JSON paths or shipped
+            overlay names (``presets/cpu``). Pass the ones the model was trained with, since they set
+            its size.
+
+    Raises:
+        InputError: no bundle, an unknown mode or device, a missing checkpoint ("train stage N first")
+            or config, keys the configs lack, or a checkpoint that does not fit the network they build.
+    """
+    bundle = bundle_dir() if bundle is None else Path(bundle)
+    if not (bundle / "configs" / "common.yaml").is_file():
+        problem = "not a bundle: no configs/common.yaml; --bundle needs a folder with configs/*.yaml and models/*.pt"
+        raise InputError(bundle, problem)
+    if mode is None:
+        mode = "student" if (bundle / "models" / MODES["student"].checkpoint).is_file() else "bsn"
+    if mode not in MODES:
+        raise InputError("--mode", f"{mode!r} is not one of {', '.join(MODES)}")
+    spec = MODES[mode]
+    checkpoint = bundle / "models" / spec.checkpoint
+    if not checkpoint.is_file():
+        raise InputError(bundle, f"mode '{mode}' needs models/{spec.checkpoint} (train {spec.trained_by} first)")
+    device = _device(device)
+    files = [bundle / "configs" / name for name in spec.configs] + [_config_file(c) for c in config]
+    for path in files:
+        if not path.is_file():
+            raise InputError(path, f"no such config file; mode '{mode}' reads it")
+        try:
+            ConfigParser.load_config_file(path)
+        except Exception as exc:
+            raise InputError(path, f"cannot parse the config ({_one_line(exc)})") from exc
+    parser = ConfigParser()
+    parser.read_config([str(path) for path in files])
+    parser["bundle_root"] = str(bundle)
+    names = ", ".join(path.name for path in files)
+    try:
+        network = parser.get_parsed_content(spec.network_key)
+        inferer = parser.get_parsed_content(spec.inferer_key)
+    except Exception as exc:
+        raise InputError(bundle / "configs", f"cannot build `{spec.network_key}`/`{spec.inferer_key}` from {names} "
+                         f"({_one_line(exc)})") from exc  # fmt: skip
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(checkpoint, f"cannot read the checkpoint ({_one_line(exc)})") from exc
+    try:
+        network.load_state_dict(state)
+    except Exception as exc:
+        problem = f"does not fit `{spec.network_key}` built from {names} ({_one_line(exc)[:240]})"
+        fix = "pass the overlays used in training, e.g. --config presets/cpu"
+        raise InputError(checkpoint, f"{problem}; {fix}") from exc
+    network = network.to(device).eval()
+    configs = [str(path.resolve()) for path in files]
+    return Model(mode, network, inferer, device, checkpoint.resolve(), _sha256(checkpoint), configs)
+
+
+def denoise_volume(
+    volume: Volume,
+    model: Callable[[np.ndarray], np.ndarray],
+    modality: str | None = None,
+    ct_window=(-100.0, 200.0),
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """Denoises a volume slice-wise in its physical units, passing through what normalisation clipped.
+
+    Memory: the input, the output and one batch of float32 slices (the percentile of the intensity
+    range copies the input once, before the output exists).
+
+    Args:
+        volume: as read by ``diffdenoise.io``; ``array`` is (Z, H, W), Z the acquisition axis.
+        model: maps float32 (B, H, W) slices in [0, 1] to denoised ones, e.g. a ``Model``.
+        modality: overrides ``volume.modality`` ("mri", "ct", "xray", "other"); use the one training used.
+        ct_window: HU mapped to [0, 1] for CT, as in training.
+        batch_size: slices per forward pass.
+        progress: show a tqdm bar over slices.
+
+    Returns:
+        ``(array, stats)``: float32 (Z, H, W) in the input's units, and the ``intensity_range`` used, the
+        count of voxels passed through, and the mean ``estimate_sigma`` of the normalised slices before
+        and after.
+
+    Raises:
+        InputError: slices under ``MIN_SLICE_SIZE``, a constant or a 1-bit image.
+    """
+    _check_volume(volume)
+    name = modality or volume.modality
+    low, high = intensity_range(volume.array, name, ct_window)
+    out = np.empty_like(volume.array)
+    sigma_before, sigma_after, passed = [], [], 0
+    with tqdm(total=len(out), desc=volume.volume_id, unit="slice", leave=False, disable=not progress) as bar:
+        for start in range(0, len(out), batch_size):
+            x = volume.array[start : start + batch_size]
+            x01 = _scale(x, low, high)
+            denoised = low + np.clip(model(x01), 0.0, 1.0) * (high - low)
+            inside = (x >= low) & (x <= high)
+            out[start : start + len(x)] = np.where(inside, denoised, x)
+            passed += int(inside.size - np.count_nonzero(inside))
+            sigma_before += [estimate_sigma(s) for s in x01]
+            sigma_after += [estimate_sigma(s) for s in _scale(out[start : start + len(x)], low, high)]
+            bar.update(len(x))
+    stats = {
+        "modality": name,
+        "intensity_range": [low, high],
+        "voxels_passed_through": passed,
+        "noise_sigma_before": float(np.mean(sigma_before)),
+        "noise_sigma_after": float(np.mean(sigma_after)),
+    }
+    return out, stats
+
+
+def denoise(
+    src,
+    out,
+    bundle=None,
+    mode: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    series: str | None = None,
+    config: Sequence[str] = (),
+    modality: str | None = None,
+    ct_window=(-100.0, 200.0),
+    batch_size: int = 8,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+) -> Path:
+    """Denoises every volume in ``src`` into the folder ``out``, in the input's format, with a report each.
+
+    ``out/<volume_id>`` + the input's suffix (a folder for a DICOM series of several files) and
+    ``out/<volume_id>.json``: noise sigma before/after (``skimage.restoration.estimate_sigma`` on the
+    normalised slices), slices, intensity range, timings, mode, model file and sha256, version. All
+    checks that need no pixels run first; a failure later leaves no output (and an old one in place).
+
+    Args:
+        src: DICOM file or series folder, multi-frame DICOM, NIfTI, PNG, TIFF, or a folder of any mix.
+        out: output folder; must not exist (or be empty) unless ``overwrite``, nor overlap ``src``.
+        bundle, mode, device, config: the model, see ``load_model``.
+        overwrite: replace an existing ``out``.
+        series: only the DICOM series with this SeriesInstanceUID (default: every volume found).
+        modality, ct_window, batch_size: see ``denoise_volume``; modality and ct_window as in training.
+        progress: tqdm bars over volumes (when several) and slices.
+        callback: called with each volume's report once it is written.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        InputError: bad input, output or model, see ``diffdenoise.io``, ``load_model``, ``denoise_volume``.
+    """
+    src, out = Path(src), Path(out)
+    check_output_folder(out, src, overwrite)
+    if modality is not None and modality not in MODALITIES:
+        raise InputError("--modality", f"{modality!r} is not one of {', '.join(MODALITIES)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError("--batch_size", f"must be an integer >= 1, got {batch_size!r}")
+    sources = _select_series(scan_volumes(src), series, src)
+    model = load_model(bundle, mode, device, config)
+    series_uids: dict[str, str] = {}
+    derivation = f"diffdenoise {__version__} {model.mode} ({model.checkpoint.name} sha256 {model.sha256[:12]})"
+    with atomic_folder(out, overwrite) as tmp:
+        for source in tqdm(sources, desc="denoise", unit="volume", disable=not progress or len(sources) < 2):
+            started = time.perf_counter()
+            volume = source.read()
+            read = time.perf_counter()
+            array, stats = denoise_volume(volume, model, modality, ct_window, batch_size, progress)
+            denoised = time.perf_counter()
+            written = write_volume(volume, array, tmp / volume.volume_id, derivation, series_uids)
+            finished = time.perf_counter()
+            report = {
+                "input": str(Path(volume.source).resolve()),
+                "output": str(out.resolve() / written.relative_to(tmp)),
+                "format": volume.meta["format"],
+                "volume_id": volume.volume_id,
+                "shape": list(volume.array.shape),
+                "slices": len(volume.array),
+                **stats,
+                "normalisation": NORMALISATION_RULE,
+                "noise_sigma_method": "skimage.restoration.estimate_sigma per normalised slice, mean over slices",
+                "timings_s": {"read": read - started, "denoise": denoised - read, "write": finished - denoised},
+                "mode": model.mode,
+                "model_file": str(model.checkpoint),
+                "model_sha256": model.sha256,
+                "configs": model.configs,
+                "device": str(model.device),
+                "diffdenoise_version": __version__,
+            }
+            if volume.meta["format"] == "dicom":
+                report["SeriesInstanceUID"] = series_uids[volume.meta["SeriesInstanceUID"]]
+                report["source_SeriesInstanceUID"] = volume.meta["SeriesInstanceUID"]
+            (tmp / f"{volume.volume_id}.json").write_text(json.dumps(report, indent=1))
+            if callback is not None:
+                callback(report)
+    return out
+
+
+def _check_volume(volume: Volume) -> None:
+    """Refuses images a denoiser cannot help, naming the file and why."""
+    _, h, w = volume.array.shape
+    if min(h, w) < MIN_SLICE_SIZE:
+        raise InputError(volume.source, f"{h}x{w} pixels is too small; slices need at least "
+                         f"{MIN_SLICE_SIZE}x{MIN_SLICE_SIZE} pixels")  # fmt: skip
+    if volume.meta.get("mode") == "1":
+        raise InputError(volume.source, "1-bit (black and white) image; there is no noise to remove")
+    low, high = float(volume.array.min()), float(volume.array.max())
+    if low == high:
+        raise InputError(volume.source, f"constant image (every pixel is {low:g}); there is no noise to remove")
+
+
+def _select_series(sources: list[VolumeSource], series: str | None, src: Path) -> list[VolumeSource]:
+    """Keeps the volumes of one SeriesInstanceUID, or all when ``series`` is None."""
+    if series is None:
+        return sources
+    uids = [_series_uid(source) for source in sources]
+    chosen = [source for source, uid in zip(sources, uids) if uid == str(series)]
+    if not chosen:
+        found = ", ".join(sorted({uid for uid in uids if uid})) or "none"
+        raise InputError(src, f"no DICOM series with SeriesInstanceUID {series}; found: {found}")
+    return chosen
+
+
+def _series_uid(source: VolumeSource) -> str:
+    """SeriesInstanceUID of a DICOM volume from its first header; "" for other formats."""
+    if source.kind != "dicom":
+        return ""
+    header = pydicom.dcmread(source.files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+    return str(header.get("SeriesInstanceUID", ""))
+
+
+def _device(name: str | None) -> torch.device:
+    """The torch device to run on; refuses cuda where torch sees none, rather than failing mid-volume."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise InputError("--device", f"{name!r} is not a device ({_one_line(exc)}); use cpu or cuda") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", f"{name} asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def _config_file(name) -> Path:
+    """A --config entry: a YAML/JSON path, or a shipped overlay name such as ``presets/cpu``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    try:
+        return overlay_path(str(name))
+    except (ValueError, FileNotFoundError) as exc:
+        raise InputError(name, f"no such config file, and {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    """Hash of a model file, so a report names exactly which weights produced an output."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
