@@ -8,13 +8,7 @@ from diffdenoise.inferers import BlindSpotInferer
 from diffdenoise.networks import BlindSpotNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These convs are tiny: a second thread gains little, and OpenMP threads stall on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

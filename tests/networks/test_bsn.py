@@ -13,13 +13,7 @@ from diffdenoise.networks import BlindSpotNet
 PIXELS = [(15, 16), (29, 31), (30, 32)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These convs are tiny: a second thread gains little, and OpenMP threads stall on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(train_stride: int) -> BlindSpotNet:
