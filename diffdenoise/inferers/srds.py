@@ -42,6 +42,16 @@ class SRDSTarget(str, Enum):
     IMAGE = "image"
 
 
+def to_diffused(image: torch.Tensor, condition: torch.Tensor, target: str, residual_scale: float) -> torch.Tensor:
+    """The variable the diffusion model learns and samples: r = (x' - x_c) / s (Sec. 3.2), or x' itself."""
+    return (image - condition) / residual_scale if SRDSTarget(target) is SRDSTarget.RESIDUAL else image
+
+
+def to_image(diffused: torch.Tensor, condition: torch.Tensor, target: str, residual_scale: float) -> torch.Tensor:
+    """Inverse of ``to_diffused``: x_c + s r, or the image itself."""
+    return condition + residual_scale * diffused if SRDSTarget(target) is SRDSTarget.RESIDUAL else diffused
+
+
 def _ddim_update(
     x_t: torch.Tensor,
     eps_hat: torch.Tensor,
@@ -290,8 +300,7 @@ class SRDSInferer(Inferer):
         return convert_to_dst_type(self._to_image(diffused, cond), inputs)[0]
 
     def _to_image(self, diffused: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Map the diffused variable back to the image: x_c + residual_scale r, or the image itself."""
-        return cond + self.residual_scale * diffused if self.target is SRDSTarget.RESIDUAL else diffused
+        return to_image(diffused, cond, self.target, self.residual_scale)
 
     def _reverse_diffusion(
         self, x: torch.Tensor, network: Callable[..., torch.Tensor], cond: torch.Tensor, noise: torch.Tensor,
@@ -303,7 +312,7 @@ class SRDSInferer(Inferer):
             if self.start_timestep is None:
                 x_t = noise
             else:
-                diffused = x if self.target is SRDSTarget.IMAGE else (x - cond) / self.residual_scale
+                diffused = to_diffused(x, cond, self.target, self.residual_scale)
                 alpha_bar = self._alpha_bars[0]
                 x_t = alpha_bar**0.5 * diffused + (1.0 - alpha_bar) ** 0.5 * noise
             alpha_bars_prev = [*self._alpha_bars[1:], self._alpha_bar_final]

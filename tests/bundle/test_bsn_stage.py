@@ -1,33 +1,13 @@
 """Stage 1 as a user runs it: the README's bundle command trains the BSN, infer_bsn writes x_c, x_c beats the input."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
-from diffdenoise.data import load_datalist, prepare
+from diffdenoise.data import load_datalist
 from diffdenoise.metrics import score_datalist
 from diffdenoise.stages import run_stage, stage_config_files
-
-STUDYFORREST = "brain_mri_t1_axial_studyforrest/series"
-
-
-@pytest.fixture(scope="module")
-def trained(shared_data, tmp_path_factory):
-    """Studyforrest slices with Gaussian 15/255 noise, a BSN trained with the smoke preset from the command line."""
-    root = tmp_path_factory.mktemp("bsn_stage")
-    data = root / "data"
-    prepare(shared_data / STUDYFORREST, data, noise="gaussian", level=15 / 255, modality="mri", seed=0, progress=False)
-    bundle_root = root / "bundle"
-    files = "['bundles/diffdenoise/configs/common.yaml','bundles/diffdenoise/configs/train_bsn.yaml','configs/presets/smoke.yaml']"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files,
-           "--dataset_dir", str(data), "--bundle_root", str(bundle_root)]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return data, bundle_root, done.stderr + done.stdout
 
 
 def test_training_reports_self_supervised_loss_and_monitoring_psnr(trained):
