@@ -75,6 +75,24 @@ def run_stage(stage: str, overlays: Sequence[str] = (), **overrides) -> None:
         run(config_file=stage_config_files(stage, overlays), **overrides)
 
 
+def stage_parser(stage: str, overlays: Sequence[str] = (), **overrides):
+    """The parsed config of a stage, so Python code takes its trained network and inferer from the bundle.
+
+    The same files and overrides as ``run_stage``, without running anything: e.g. the benchmark builds
+    the BSN of ``infer_bsn.yaml`` and runs its ``initialize`` (which loads ``bsn_ckpt``), then denoises
+    slices with ``bsn_inferer``, so no network definition is repeated outside the bundle.
+
+    Returns:
+        A ``monai.bundle.ConfigParser``; ``parser.get_parsed_content("network")`` instantiates a key.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(stage_config_files(stage, overlays))
+    parser.update(overrides)
+    return parser
+
+
 def write_stage_outputs(
     datalist_path: str | os.PathLike,
     key: str,
