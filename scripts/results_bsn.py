@@ -39,8 +39,9 @@ CASES = {
 }
 
 
-def main(preset: str = "cpu", out: str = "runs/results_bsn", data: str = "../shared/data", cases: str = "all"):
-    """Run the cases (comma-separated names, or all) and print the table."""
+def main(preset: str = "cpu", out: str = "runs/results_bsn", data: str = "../shared/data", cases: str = "all",
+         **overrides):
+    """Run the cases (comma-separated names, or all) and print the table; ``--key value`` overrides config keys."""
     out = Path(out)
     names = list(CASES) if cases == "all" else cases.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -54,7 +55,8 @@ def main(preset: str = "cpu", out: str = "runs/results_bsn", data: str = "../sha
             prepare(Path(data) / STUDYFORREST, dataset, modality="mri", seed=0, progress=False, **noise_args)
         t0 = time.perf_counter()
         for stage in ("train_bsn", "infer_bsn"):
-            run_stage(stage, [f"presets/{preset}", overlay], dataset_dir=str(dataset), bundle_root=str(bundle_root))
+            run_stage(stage, [f"presets/{preset}", overlay], dataset_dir=str(dataset), bundle_root=str(bundle_root),
+                      **overrides)
         seconds = time.perf_counter() - t0
         scores = score_datalist(dataset / "datalist_bsn.json", ["image", "bsn"])
         (out / name / "scores.json").write_text(
@@ -66,8 +68,8 @@ def main(preset: str = "cpu", out: str = "runs/results_bsn", data: str = "../sha
                     f"{seconds:.0f} |")
         print(rows[-1], flush=True)
     table = "\n".join(rows)
-    print(f"\npreset={preset} commit={commit}\n{table}")
-    (out / "table.md").write_text(f"preset={preset} commit={commit}\n\n{table}\n")
+    print(f"\npreset={preset} overrides={overrides} commit={commit}\n{table}")
+    (out / "table.md").write_text(f"preset={preset} overrides={overrides} commit={commit}\n\n{table}\n")
 
 
 if __name__ == "__main__":
