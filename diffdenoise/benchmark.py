@@ -1,0 +1,732 @@
+"""The benchmark: every denoiser on the same prepared cases, scored per test slice, with paired tests.
+
+A *case* is one dataset with one noise model, level and correlation, scored against one kind of reference
+(``REFERENCES``): ``full`` (the images as they are, whose own noise caps every score), ``down2`` (2x2
+area-averaged images, half that noise), ``strong`` (a stronger synthetic level, so the references' noise
+matters less), or ``repeats`` (real noise: a phantom scored against the mean of other repeats).
+
+A *method* is one entry of ``METHODS``: ``fit(train_noisy, workdir, settings)`` returns a
+``denoiser(noisy) -> denoised`` for one (H, W) slice in [0, 1]. Methods see the training split's noisy
+slices only (classical filters ignore them); clean slices are read only to score and draw, except by a
+method of kind ``supervised`` (the upper bound), which by definition trains on clean pairs. Later stages
+plug in as one entry each, e.g. ``METHODS["srds"] = Method("DiffDenoise SRDS", "diffdenoise", fit_srds)``.
+
+Each finished (case, method) leaves ``OUT/cases/<case>/<method>.json`` (per-slice scores, timings and
+the settings it ran with) and ``<method>.npy`` (its output on the figure slice), written atomically: a
+rerun with the same settings skips it, so a stopped run resumes. ``OUT/results.csv``, ``OUT/results.md``
+and ``OUT/figures/<case>.png`` are rebuilt from those files at the end of every run.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from diffdenoise.baselines import (
+    denoise_bm3d,
+    denoise_neighbor2neighbor,
+    denoise_nlm,
+    denoise_noise2self,
+    denoise_tv,
+    train_neighbor2neighbor,
+    train_noise2self,
+)
+from diffdenoise.data import SPLITS, load_datalist, prepare
+from diffdenoise.errors import InputError
+from diffdenoise.metrics import psnr, ssim
+from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS
+from diffdenoise.report import paired_best, save_visual_grid, significance_table
+from diffdenoise.stages import overlay_path, run_stage, stage_parser
+
+logger = logging.getLogger(__name__)
+
+Denoiser = Callable[[np.ndarray], np.ndarray]
+KINDS = ("input", "classical", "self-supervised", "diffdenoise", "supervised")
+REFERENCES = ("full", "down2", "strong", "repeats")
+# The issue's stronger levels (level = sigma | lambda | alpha, beta = alpha); presets restate them.
+STRONG_LEVELS = {"gaussian": 15 / 255, "poisson": 50.0, "gamma": 25.0, "rician": 15 / 255}
+_NOISE_NAME = re.compile(rf"^({'|'.join(NOISE_MODELS)})(?:_corr(\d+(?:\.\d+)?))?$")
+_PRESET_KEYS = {"bundle_preset", "seed", "max_test_slices", "torch_threads", "datasets", "noises", "references",
+                "methods", "method_settings", "strong_levels"}
+_CSV_COLUMNS = ("case", "dataset", "noise", "level", "correlation", "reference", "method", "kind", "slice", "psnr",
+                "ssim")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Where a dataset lies under the data root and how ``prepare`` reads it.
+
+    Args:
+        label: display name.
+        src: folder under the data root.
+        modality: passed to ``prepare``; picks the paper's noise levels.
+        groups: CSV under the data root grouping images by patient (split by patient), or None.
+        noisy_volume: real noise only: the repeat that is trained on and denoised.
+        reference_volumes: real noise only: repeats whose mean is the reference.
+        correlation: real noise only: the noise's correlation kernel sigma in pixels, which picks the BSN's
+            blind spot (measured for the phantom: lag-1 autocorrelation of repeat differences 0.03, i.i.d.).
+    """
+
+    label: str
+    src: str
+    modality: str
+    groups: str | None = None
+    noisy_volume: str | None = None
+    reference_volumes: tuple[str, ...] = ()
+    correlation: float = 0.0
+
+    @property
+    def real(self) -> bool:
+        """True for real noise (repeats), False for clean-ish images that get synthetic noise."""
+        return self.noisy_volume is not None
+
+
+DATASETS = {
+    "studyforrest": Dataset("brain MRI (studyforrest T1)", "brain_mri_t1_axial_studyforrest/series", "mri"),
+    "chest_xray": Dataset("chest X-ray (Hannover)", "chest_xray_mhh/png", "xray",
+                          groups="chest_xray_mhh/data_subset.csv"),
+    "head_ct": Dataset("head CT (GE)", "head_ct_ge/series", "ct"),
+    # volume 1 (0063) is not at steady state; volumes 2-5 are repeats of one another
+    "phantom": Dataset("EPI phantom, real noise", "phantom_mri_epi_repeats/series", "mri", noisy_volume="0126",
+                       reference_volumes=("0189", "0252", "0315")),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One dataset x noise x reference variant; ``name`` is its folder under ``OUT/cases``."""
+
+    dataset: str
+    noise: str  # a NOISE_MODELS name, or "real"
+    level: float | None
+    correlation: float
+    reference: str
+
+    @property
+    def name(self) -> str:
+        if self.noise == "real":
+            return f"{self.dataset}-real"
+        corr = f"_corr{self.correlation:g}" if self.correlation else ""
+        return f"{self.dataset}-{self.noise}{corr}-{self.reference}"
+
+    def describe(self) -> str:
+        """One line for the report: dataset, noise and reference."""
+        dataset = DATASETS[self.dataset]
+        if dataset.real:
+            refs = ", ".join(dataset.reference_volumes)
+            return (f"{dataset.label}: trained on and denoising repeat {dataset.noisy_volume}; reference = mean of "
+                    f"repeats {refs} at the same slice, in the test volume's intensity scale")
+        symbol = {"gaussian": "sigma", "rician": "sigma", "poisson": "lambda", "gamma": "alpha = beta"}[self.noise]
+        value = f"{self.level * 255:.3g}/255" if symbol == "sigma" else f"{self.level:g}"
+        corr = f", correlated (kernel sigma {self.correlation:g} px)" if self.correlation else ", i.i.d."
+        ref = {"full": "full resolution", "down2": "2x2 area-downsampled images", "strong": "stronger noise level"}
+        return f"{dataset.label}, {self.noise} {symbol} = {value}{corr}; reference: {ref[self.reference]}"
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What a method may use besides the noisy training slices.
+
+    Args:
+        case: the case being run (its noise correlation picks the BSN's blind spot).
+        dataset_dir: the prepared case (``datalist.json``); bundle stages read their training split from it.
+        bundle_preset: ``configs/presets/<name>.yaml`` for bundle stages.
+        seed: seeds training.
+        options: this method's knobs from the preset's ``method_settings``.
+    """
+
+    case: Case
+    dataset_dir: Path
+    bundle_preset: str
+    seed: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmark entry: ``fit(train_noisy, workdir, settings) -> denoiser``.
+
+    Args:
+        label: display name.
+        kind: one of ``KINDS``; ``diffdenoise`` methods get a line in the report where they lose to another.
+        fit: builds the denoiser; ``workdir`` is an empty folder for checkpoints and logs.
+        requires: optional modules; a method whose module is missing is skipped with the reason reported.
+    """
+
+    label: str
+    kind: str
+    fit: Callable[[list[np.ndarray], Path, FitSettings], Denoiser]
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"method kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+    def missing(self) -> str | None:
+        """Why this method cannot run here, or None."""
+        absent = [name for name in self.requires if importlib.util.find_spec(name) is None]
+        if not absent:
+            return None
+        return f"optional package(s) {', '.join(absent)} not installed (pip install {' '.join(absent)})"
+
+
+def _fit_input(train_noisy, workdir, settings) -> Denoiser:
+    """The noisy input itself: the floor every method must beat."""
+    return np.asarray
+
+
+def _fit_filter(denoise: Callable) -> Callable:
+    """A classical filter needs no training; its knobs (``sigma``: None estimates it per slice) come from the preset."""
+
+    def fit(train_noisy, workdir, settings) -> Denoiser:
+        return partial(denoise, **settings.options)
+
+    return fit
+
+
+def _fit_noise2self(train_noisy, workdir, settings) -> Denoiser:
+    """A Noise2Self U-Net trained on the noisy training slices; knobs (iterations, widths...) from the preset."""
+    return partial(denoise_noise2self, train_noise2self(train_noisy, seed=settings.seed, **settings.options))
+
+
+def _fit_neighbor2neighbor(train_noisy, workdir, settings) -> Denoiser:
+    """A Neighbor2Neighbor U-Net trained on the noisy training slices; knobs from the preset."""
+    network = train_neighbor2neighbor(train_noisy, seed=settings.seed, **settings.options)
+    return partial(denoise_neighbor2neighbor, network)
+
+
+def bsn_overlay(correlation: float) -> str:
+    """The noise overlay whose blind spot suits a correlation kernel sigma (px): 0 -> 1, 0.5 -> 5x5, 1.2 -> 9x9."""
+    if correlation <= 0:
+        return "noise/iid"
+    return "noise/correlated_mild" if correlation < 0.85 else "noise/correlated"
+
+
+def _fit_bsn(train_noisy, workdir, settings) -> Denoiser:
+    """Stage 1 as the bundle runs it: ``train_bsn`` on the case's training split (the same noisy slices as
+    ``train_noisy``, validated on the noisy validation split), then ``infer_bsn``'s network and inferer."""
+    overlays = [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation)]
+    keys = {"dataset_dir": str(settings.dataset_dir), "bundle_root": str(workdir / "bundle"), "seed": settings.seed,
+            **settings.options}
+    run_stage("train_bsn", overlays, **keys)
+    parser = stage_parser("infer_bsn", overlays, **keys)
+    parser.get_parsed_content("initialize")  # loads bsn_ckpt, fails naming the key when it is missing
+    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("bsn_inferer")
+    device = next(network.parameters()).device
+
+    def denoise(noisy: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.as_tensor(noisy, dtype=torch.float32, device=device)[None, None]
+            return inferer(x, network)[0, 0].float().cpu().numpy()
+
+    return denoise
+
+
+METHODS: dict[str, Method] = {
+    "noisy": Method("noisy input", "input", _fit_input),
+    "nlm": Method("NLM", "classical", _fit_filter(denoise_nlm)),
+    "tv": Method("TV", "classical", _fit_filter(denoise_tv)),
+    "bm3d": Method("BM3D", "classical", _fit_filter(denoise_bm3d), requires=("bm3d",)),
+    "noise2self": Method("Noise2Self", "self-supervised", _fit_noise2self),
+    "neighbor2neighbor": Method("Neighbor2Neighbor", "self-supervised", _fit_neighbor2neighbor),
+    "bsn": Method("BSN alone (stage 1)", "self-supervised", _fit_bsn),
+}
+
+
+def _names(value, allowed: Sequence[str], what: str) -> list[str]:
+    """A list from a YAML list, a comma-separated string or ``all``, every entry checked against ``allowed``."""
+    if isinstance(value, str):
+        value = value.split(",")
+    value = [str(v).strip() for v in value if str(v).strip()]
+    value = list(allowed) if value == ["all"] else value
+    unknown = [v for v in value if v not in allowed]
+    if unknown or not value:
+        raise ValueError(f"{what} {unknown or value} not known; choose from: {', '.join(allowed)} (or all)")
+    return value
+
+
+def parse_noise(name: str) -> tuple[str, float]:
+    """``gaussian`` -> ("gaussian", 0.0); ``poisson_corr1.2`` -> ("poisson", 1.2): model and kernel sigma (pixels)."""
+    match = _NOISE_NAME.match(name)
+    if match is None:
+        raise ValueError(
+            f"noise {name!r} is not <model>[_corr<kernel sigma>] with model one of {', '.join(NOISE_MODELS)}; "
+            "e.g. gaussian, poisson_corr1.2"
+        )
+    return match.group(1), float(match.group(2) or 0.0)
+
+
+def load_preset(preset: str | os.PathLike, **selection) -> dict:
+    """Reads and checks a benchmark preset (a name in ``configs/benchmark/`` or a YAML path) before anything runs.
+
+    Args:
+        preset: e.g. ``smoke``, ``cpu``, ``paper`` or ``my_preset.yaml``.
+        selection: ``datasets``, ``noises``, ``references``, ``methods`` replacing the preset's lists (None keeps them).
+
+    Raises:
+        ValueError: an unknown key, dataset, noise, reference or method; the message lists the choices.
+    """
+    path = Path(preset) if str(preset).endswith((".yaml", ".yml")) else overlay_path(f"benchmark/{preset}")
+    config = yaml.safe_load(path.read_text()) or {}
+    unknown = set(config) - _PRESET_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(_PRESET_KEYS))}")
+    config = {"bundle_preset": "smoke", "seed": 0, "max_test_slices": None, "torch_threads": None, "noises": [],
+              "references": ["full"], "methods": "all", "method_settings": {}, **config}
+    config.update({k: v for k, v in selection.items() if v is not None})
+    config["path"] = str(path)
+    config["datasets"] = _names(config.get("datasets", []), list(DATASETS), "datasets")
+    noises = config["noises"].split(",") if isinstance(config["noises"], str) else config["noises"]
+    config["noises"] = [str(n).strip() for n in noises if str(n).strip()]
+    for noise in config["noises"]:
+        parse_noise(noise)
+    if not config["noises"] and not all(DATASETS[d].real for d in config["datasets"]):
+        raise ValueError(f"{path}: no noises for the synthetic-noise datasets; set e.g. noises: [gaussian, "
+                         "poisson_corr1.2]")
+    config["references"] = _names(config["references"], REFERENCES[:3], "references")
+    config["methods"] = _names(config["methods"], list(METHODS), "methods")
+    stray = set(config["method_settings"]) - set(METHODS)
+    if stray:
+        raise ValueError(f"{path}: method_settings for unknown method(s) {sorted(stray)}; known: {', '.join(METHODS)}")
+    config["strong_levels"] = {**STRONG_LEVELS, **config.get("strong_levels", {})}
+    return config
+
+
+def build_cases(config: Mapping[str, Any]) -> list[Case]:
+    """Datasets x noises x references of a loaded preset; a real-noise dataset is one case of its own."""
+    cases = []
+    for name in config["datasets"]:
+        dataset = DATASETS[name]
+        if dataset.real:
+            cases.append(Case(name, "real", None, dataset.correlation, "repeats"))
+            continue
+        for noise in config["noises"]:
+            model, correlation = parse_noise(noise)
+            for reference in config["references"]:
+                levels = config["strong_levels"] if reference == "strong" else PAPER_LEVELS[dataset.modality]
+                cases.append(Case(name, model, float(levels[model]), correlation, reference))
+    return cases
+
+
+def prepare_case(case: Case, data_root: str | os.PathLike, case_dir: Path, seed: int = 0,
+                 progress: bool = False) -> Path:
+    """The case's prepared slices in ``case_dir/data`` (made once, atomically; an existing one is reused).
+
+    Synthetic noise: ``prepare`` with the case's noise, level and correlation (``downsample=2`` for
+    ``down2``). Real noise: see ``_prepare_repeats``.
+
+    Returns:
+        The path of ``case_dir/data/datalist.json``.
+
+    Raises:
+        InputError: the dataset is not under ``data_root``.
+    """
+    datalist = case_dir / "data" / "datalist.json"
+    if datalist.is_file():
+        return datalist
+    dataset = DATASETS[case.dataset]
+    src = Path(data_root) / dataset.src
+    if not src.exists():
+        raise InputError(src, f"dataset '{case.dataset}' not found; pass --data pointing at ../shared/data, or drop it")
+    if dataset.real:
+        return _prepare_repeats(dataset, src, case_dir, seed, progress)
+    groups = None if dataset.groups is None else Path(data_root) / dataset.groups
+    return prepare(src, case_dir / "data", noise=case.noise, level=case.level, correlation=case.correlation,
+                   modality=dataset.modality, seed=seed, groups=groups,
+                   downsample=2 if case.reference == "down2" else 1, progress=progress)
+
+
+def _prepare_repeats(dataset: Dataset, src: Path, case_dir: Path, seed: int, progress: bool) -> Path:
+    """Real noise: train on and denoise one repeat; the reference is the mean of other repeats.
+
+    All repeats are prepared together into ``case_dir/repeats`` (one ``prepare`` call, so one slicing and
+    one split of slice blocks, identical across repeats). ``case_dir/data/datalist.json`` keeps only
+    ``noisy_volume``'s slices in each split; each test slice gets ``clean`` = the mean over
+    ``reference_volumes`` of the same slice position, taken in physical units (each repeat's normalisation
+    inverted with its stored ``intensity_range``) and normalised with the noisy volume's range, so reference
+    and input share one intensity scale. The reference still carries noise of 1/sqrt(n) of the input's.
+    """
+    repeats = case_dir / "repeats"
+    if not (repeats / "datalist.json").is_file():
+        prepare(src, repeats, modality=dataset.modality, seed=seed, progress=progress)
+    listing = json.loads((repeats / "datalist.json").read_text())
+    volumes = listing["meta"]["volumes"]
+    absent = [v for v in (dataset.noisy_volume, *dataset.reference_volumes) if v not in volumes]
+    if absent:
+        raise InputError(src, f"repeat volume(s) {absent} not found; prepare found {sorted(volumes)}")
+    low, high = volumes[dataset.noisy_volume]["intensity_range"]
+    tmp = case_dir / f".data.{uuid.uuid4().hex[:8]}.partial"
+    (tmp / "reference").mkdir(parents=True)
+    try:
+        datalist = {split: [] for split in SPLITS}
+        for split in SPLITS:
+            for item in listing[split]:
+                if item["volume"] != dataset.noisy_volume:
+                    continue
+                item = {**item, "image": f"../repeats/{item['image']}"}
+                if split == "test":
+                    item["clean"] = f"reference/{item['slice_index']:04d}.npy"
+                    physical = [_physical(repeats, volumes, v, item["slice_index"]) for v in dataset.reference_volumes]
+                    reference = np.clip((np.mean(physical, axis=0) - low) / ((high - low) or 1.0), 0.0, 1.0)
+                    np.save(tmp / item["clean"], reference.astype(np.float32))
+                datalist[split].append(item)
+        datalist["meta"] = {
+            "created_by": "diffdenoise.benchmark",
+            "protocol": _prepare_repeats.__doc__.split("\n\n")[1].strip(),
+            "noisy_volume": dataset.noisy_volume,
+            "reference_volumes": list(dataset.reference_volumes),
+            "repeats_datalist": "../repeats/datalist.json",
+            "counts": {split: len(datalist[split]) for split in SPLITS},
+        }
+        (tmp / "datalist.json").write_text(json.dumps(datalist, indent=1))
+        os.replace(tmp, case_dir / "data")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return case_dir / "data" / "datalist.json"
+
+
+def _physical(repeats: Path, volumes: Mapping[str, Any], volume: str, k: int) -> np.ndarray:
+    """Slice k of a prepared repeat back in physical units: lo + x (hi - lo)."""
+    path = repeats / "slices" / volume / f"{k:04d}_noisy.npy"
+    if not path.is_file():
+        raise InputError(path, f"repeat {volume} has no slice {k} (background or guard); the repeats must align")
+    low, high = volumes[volume]["intensity_range"]
+    return low + np.load(path).astype(np.float64) * (high - low)
+
+
+def _test_items(datalist: Path, max_slices: int | None) -> list[dict]:
+    """The scored test slices: all, or ``max_slices`` evenly spaced ones (a fixed rule, never chosen by score)."""
+    items = load_datalist(datalist, "test")
+    if not items or "clean" not in items[0]:
+        raise InputError(datalist, "the test split is empty or has no reference ('clean') slices to score against")
+    if max_slices and len(items) > max_slices:
+        items = [items[i] for i in np.unique(np.linspace(0, len(items) - 1, max_slices).round().astype(int))]
+    return items
+
+
+def _save_atomic(path: Path, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename: a reader sees all or nothing."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fingerprint(settings: FitSettings, items: Sequence[dict]) -> dict:
+    """What a stored result depends on; a result with another fingerprint is run again, not reused."""
+    raw = {"options": dict(settings.options), "seed": settings.seed, "bundle_preset": settings.bundle_preset,
+           "slices": [item["id"] for item in items]}
+    return json.loads(json.dumps(raw))
+
+
+def run_method(name: str, settings: FitSettings, train: list[np.ndarray], items: Sequence[dict], workdir: Path,
+               figure_slice: str) -> dict:
+    """Fits one method, denoises the test ``items`` and scores them against ``clean``.
+
+    Returns:
+        The record stored as ``<method>.json``: per-slice ``slices``, ``psnr``, ``ssim``; ``fit_seconds`` and
+        ``denoise_seconds_per_slice`` (wall) with their process-CPU twins ``*_cpu_*`` (all threads; they
+        estimate costs on a machine shared with other jobs); ``figure``, the output on ``figure_slice``.
+
+    Raises:
+        RuntimeError: the denoiser returned another shape or non-finite values.
+    """
+    method = METHODS[name]
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    started, cpu = time.perf_counter(), time.process_time()
+    denoiser = method.fit(train, workdir, settings)
+    record = {"case": settings.case.name, "method": name, "label": method.label, "kind": method.kind,
+              "fit_seconds": time.perf_counter() - started, "fit_cpu_seconds": time.process_time() - cpu,
+              "slices": [], "psnr": [], "ssim": []}
+    seconds = cpu_seconds = 0.0
+    for item in items:
+        noisy = np.load(item["image"])
+        started, cpu = time.perf_counter(), time.process_time()
+        out = np.asarray(denoiser(noisy), dtype=np.float32)
+        seconds, cpu_seconds = seconds + time.perf_counter() - started, cpu_seconds + time.process_time() - cpu
+        if out.shape != noisy.shape or not np.isfinite(out).all():
+            raise RuntimeError(
+                f"method '{name}' on case {settings.case.name}, slice {item['id']}: returned shape {out.shape} with "
+                f"{int(np.size(out) - np.isfinite(out).sum())} non-finite values; a denoiser must return a finite "
+                f"image of the input's shape {noisy.shape}"
+            )
+        reference = np.load(item["clean"])
+        record["slices"].append(item["id"])
+        record["psnr"].append(psnr(out, reference))
+        record["ssim"].append(ssim(out, reference))
+        if item["id"] == figure_slice:
+            record["figure"] = out
+    record["denoise_seconds_per_slice"] = seconds / max(len(items), 1)
+    record["denoise_cpu_seconds_per_slice"] = cpu_seconds / max(len(items), 1)
+    return record
+
+
+def run_benchmark(
+    preset: str | os.PathLike = "smoke",
+    data_root: str | os.PathLike = "../shared/data",
+    out: str | os.PathLike = "runs/bench",
+    datasets=None,
+    noises=None,
+    methods=None,
+    references=None,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+    command: str | None = None,
+) -> Path:
+    """Runs datasets x noises x references x methods of a preset, resuming finished pairs, and writes the report.
+
+    Args:
+        preset: ``smoke``, ``cpu``, ``paper`` (``configs/benchmark/<name>.yaml``) or a YAML path.
+        data_root: folder holding the datasets (``../shared/data``).
+        out: output folder; rerunning on the same folder resumes.
+        datasets, noises, methods, references: lists or comma-separated strings replacing the preset's.
+        progress: show a tqdm bar over (case, method) pairs.
+        callback: called with ``{"event": "prepare" | "fit" | "resume" | "skip", "case": ..., "method": ...}``.
+        command: the command line recorded in the report (default: this process's ``sys.argv``).
+
+    Returns:
+        The path of ``OUT/results.md`` (beside it ``results.csv``; figures in ``OUT/figures``).
+
+    Example::
+
+        from diffdenoise.benchmark import run_benchmark
+
+        report = run_benchmark("smoke", "../shared/data", "runs/bench_smoke")
+        print(report.read_text())  # a rerun on the same folder refits nothing
+    """
+    started = time.perf_counter()
+    config = load_preset(preset, datasets=datasets, noises=noises, methods=methods, references=references)
+    out = Path(out)
+    cases = build_cases(config)
+    emit = callback or (lambda info: None)
+    skipped = {name: reason for name in config["methods"] if (reason := METHODS[name].missing())}
+    names = [name for name in config["methods"] if name not in skipped]
+    for name, reason in skipped.items():
+        logger.warning("skipping %s: %s", name, reason)
+        emit({"event": "skip", "method": name, "reason": reason})
+    bar = tqdm(total=len(cases) * len(names), desc="benchmark", unit="run", disable=not progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config["torch_threads"] or threads)
+    try:
+        for case in cases:
+            _run_case(case, names, config, Path(data_root), out / "cases" / case.name, emit, bar)
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    header = {
+        "command": command or shlex.join(sys.argv),
+        "commit": _commit(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+                   f"with {config['torch_threads'] or threads} thread(s)",
+        "preset": f"{config['path']} (bundle preset `{config['bundle_preset']}`, seed {config['seed']}, "
+                  f"max_test_slices {config['max_test_slices']})",
+        "wall time of this run": f"{time.perf_counter() - started:.0f} s",
+    }
+    return write_report(out, cases, names, skipped, header, config["max_test_slices"])
+
+
+def _run_case(case: Case, names: Sequence[str], config: Mapping[str, Any], data_root: Path, case_dir: Path,
+              emit: Callable[[dict], None], bar: tqdm) -> None:
+    """Prepares one case if needed, then runs each method that has no stored result with the same fingerprint."""
+    bar.set_postfix_str(f"{case.name}: prepare")
+    datalist = case_dir / "data" / "datalist.json"
+    if not datalist.is_file():
+        prepare_case(case, data_root, case_dir, config["seed"], progress=False)
+        emit({"event": "prepare", "case": case.name})
+    items = _test_items(datalist, config["max_test_slices"])
+    train = None
+    for name in names:
+        settings = FitSettings(case, datalist.parent, config["bundle_preset"], config["seed"],
+                               config["method_settings"].get(name) or {})
+        path = case_dir / f"{name}.json"
+        fingerprint = _fingerprint(settings, items)
+        if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+            emit({"event": "resume", "case": case.name, "method": name})
+            bar.update()
+            continue
+        bar.set_postfix_str(f"{case.name}: {name}")
+        train = train or [np.load(item["image"]) for item in load_datalist(datalist, "training")]
+        record = run_method(name, settings, train, items, case_dir / "work" / name, items[len(items) // 2]["id"])
+        figure = record.pop("figure")
+        _save_atomic(case_dir / f"{name}.npy", lambda f: np.save(f, figure))
+        record["fingerprint"] = fingerprint
+        _save_atomic(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+        emit({"event": "fit", "case": case.name, "method": name, "seconds": record["fit_seconds"]})
+        bar.update()
+
+
+def _commit() -> str:
+    """``git rev-parse --short HEAD`` of the package's checkout, or 'unknown'."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def losses_line(scores: Mapping[str, Mapping[str, np.ndarray]], kinds: Mapping[str, str],
+                labels: Mapping[str, str]) -> str | None:
+    """Where a ``diffdenoise`` method has a lower mean PSNR or SSIM than another method, said in one line.
+
+    Returns:
+        None when no DiffDenoise method is in ``scores``; otherwise the losses (with the paired Wilcoxon p)
+        or a line saying there are none.
+    """
+    ours = [name for name in scores if kinds[name] == "diffdenoise"]
+    if not ours:
+        return None
+    losses = []
+    for name in ours:
+        for other in scores:
+            if kinds[other] == "diffdenoise":
+                continue
+            for metric, digits in (("psnr", 2), ("ssim", 4)):
+                mine, theirs = float(np.mean(scores[name][metric])), float(np.mean(scores[other][metric]))
+                if theirs > mine:
+                    p = paired_best({other: scores[other][metric], name: scores[name][metric]}).p_values[name]
+                    losses.append(f"{labels[name]} < {labels[other]} in {metric.upper()} "
+                                  f"({mine:.{digits}f} vs {theirs:.{digits}f}, p = {p:.3g})")
+    if not losses:
+        return f"DiffDenoise ({', '.join(labels[n] for n in ours)}) has the highest mean PSNR and SSIM here."
+    return "**DiffDenoise loses here:** " + "; ".join(losses) + "."
+
+
+def _best_note(scores: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, str]) -> str:
+    """The paired-test verdict on each metric's best, in words."""
+    notes = []
+    for metric in ("psnr", "ssim"):
+        test = paired_best({k: s[metric] for k, s in scores.items()})
+        if test.significant:
+            notes.append(f"best {metric.upper()}: {labels[test.best]}, above every other method (p < {test.alpha})")
+        else:
+            ties = ", ".join(f"{labels[k]} (p = {p:.3g})" for k, p in test.p_values.items() if p >= test.alpha)
+            notes.append(f"best {metric.upper()}: {labels[test.best]}, not significant against {ties or 'nothing'}")
+    return "Paired Wilcoxon signed-rank tests over test slices: " + "; ".join(notes) + "."
+
+
+def _summary(records: Mapping[tuple[str, str], dict], cases: Sequence[Case], names: Sequence[str],
+             labels: Mapping[str, str], metric: str, digits: int) -> str:
+    """One row per case, one column per method: the mean score, best marked as in the case tables."""
+    rows = ["| case | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---|" * len(names)]
+    for case in cases:
+        scores = {n: np.asarray(records[case.name, n][metric]) for n in names if (case.name, n) in records}
+        if not scores:
+            continue
+        test = paired_best(scores)
+        cells = []
+        for name in names:
+            if name not in scores:
+                cells.append("")
+                continue
+            cell = f"{scores[name].mean():.{digits}f}"
+            if name == test.best:
+                cell = f"**{cell}**" if test.significant else f"{cell} (n.s.)"
+            cells.append(cell)
+        rows.append(f"| {case.name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_report(out: Path, cases: Sequence[Case], names: Sequence[str], skipped: Mapping[str, str],
+                 header: Mapping[str, str], max_test_slices: int | None = None) -> Path:
+    """``results.csv``, ``results.md`` and ``figures/<case>.png`` from the stored per-(case, method) results.
+
+    Only (case, method) pairs with a stored result appear; the tables depend on those files alone, so a
+    resumed run writes the same tables (only the header's wall time differs).
+    """
+    records = {}
+    for case in cases:
+        for name in names:
+            path = out / "cases" / case.name / f"{name}.json"
+            if path.is_file():
+                records[case.name, name] = json.loads(path.read_text())
+    labels = {name: METHODS[name].label for name in names}
+    kinds = {name: METHODS[name].kind for name in names}
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(_CSV_COLUMNS)
+        for (case_name, name), record in records.items():
+            case = next(c for c in cases if c.name == case_name)
+            for row in zip(record["slices"], record["psnr"], record["ssim"]):
+                writer.writerow([case.name, case.dataset, case.noise, "" if case.level is None else f"{case.level:.6g}",
+                                 case.correlation, case.reference, name, kinds[name], *row])
+    recorded = sum(r["fit_seconds"] + r["denoise_seconds_per_slice"] * len(r["slices"]) for r in records.values())
+    lines = ["# Benchmark results", ""]
+    lines += [f"- {key}: {value}" for key, value in header.items()]
+    lines.append(f"- method time recorded in these results (fit + denoise, earlier runs included): {recorded:.0f} s")
+    lines += [f"- skipped {name}: {reason}" for name, reason in skipped.items()]
+    lines += ["", "Scores on the test split against each case's reference (see docs/benchmark.md). Best mean in "
+              "**bold** when a paired Wilcoxon signed-rank test puts it above every other method (p < 0.05), "
+              "else marked (n.s.).", ""]
+    for metric, digits, unit in (("psnr", 2, " (dB)"), ("ssim", 4, "")):
+        summary = _summary(records, cases, names, labels, metric, digits)
+        lines += [f"## Summary: mean {metric.upper()}{unit}", "", summary, ""]
+    for case in cases:
+        done = [name for name in names if (case.name, name) in records]
+        if not done:
+            continue
+        scores = {n: {m: np.asarray(records[case.name, n][m]) for m in ("psnr", "ssim")} for n in done}
+        extra = {
+            "fit (s)": {n: f"{records[case.name, n]['fit_seconds']:.1f}" for n in done},
+            "denoise (s/slice)": {n: f"{records[case.name, n]['denoise_seconds_per_slice']:.2f}" for n in done},
+        }
+        split = len(load_datalist(out / "cases" / case.name / "data" / "datalist.json", "test"))
+        figure = _case_figure(out, case, done, labels)
+        lines += [f"## {case.name}", "", f"{case.describe()}. Test slices scored: {len(scores[done[0]]['psnr'])} "
+                  f"of {split}" + (f" (max_test_slices {max_test_slices}, evenly spaced)" if max_test_slices else "")
+                  + ".", "", significance_table(scores, labels, extra_columns=extra), "", _best_note(scores, labels)]
+        loss = losses_line(scores, kinds, labels)
+        lines += ["", loss] if loss else []
+        lines += ["", f"![{case.name}]({figure.relative_to(out).as_posix()})", ""]
+    report = out / "results.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _case_figure(out: Path, case: Case, names: Sequence[str], labels: Mapping[str, str]) -> Path:
+    """The visual grid of one case: noisy input, each method's output, the reference (figure slice of the results)."""
+    case_dir = out / "cases" / case.name
+    record = json.loads((case_dir / f"{names[0]}.json").read_text())
+    item = next(i for i in load_datalist(case_dir / "data" / "datalist.json", "test")
+                if i["id"] == record["slices"][len(record["slices"]) // 2])
+    reference = np.load(item["clean"])
+    images = [np.load(item["image"])] + [np.load(case_dir / f"{n}.npy") for n in names if n != "noisy"] + [reference]
+    titles = ["noisy input"] + [labels[n] for n in names if n != "noisy"] + ["reference"]
+    return save_visual_grid(images, titles, reference, out / "figures" / f"{case.name}.png")
+
+
+def main(preset: str = "smoke", data: str = "../shared/data", out: str = "runs/bench", noise=None, dataset=None,
+         method=None, reference=None, progress: bool = True) -> str:
+    """``diffdenoise benchmark``: run a preset's datasets x noises x methods; rerun the same OUT to resume.
+
+    Example: ``python scripts/benchmark.py --preset smoke --data ../shared/data --out runs/bench``;
+    ``--noise gaussian,poisson_corr1.2 --dataset studyforrest --method noisy,bm3d,bsn --reference full,down2``
+    narrow the preset's lists. Returns the path of ``OUT/results.md``.
+    """
+    return str(run_benchmark(preset, data, out, datasets=dataset, noises=noise, methods=method, references=reference,
+                             progress=progress))

@@ -1,0 +1,219 @@
+"""The benchmark harness: the smoke preset end to end on real MRI, resume, the phantom protocol, and the paired-test
+marking on synthetic scores."""
+
+import csv
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from diffdenoise.benchmark import (
+    _CSV_COLUMNS,
+    METHODS,
+    Case,
+    FitSettings,
+    Method,
+    bsn_overlay,
+    build_cases,
+    load_preset,
+    losses_line,
+    prepare_case,
+    run_benchmark,
+    run_method,
+)
+from diffdenoise.data import load_datalist
+from diffdenoise.report import paired_best, significance_table
+
+CASE = "studyforrest-gaussian-full"
+ROW = re.compile(r"^\| ([^|]+?) \| \**([\d.]+) \+- ([\d.]+)\**(?: \(n\.s\.\))? \| \**([\d.]+) \+- ([\d.]+)", re.M)
+
+
+def _available():
+    return [name for name, method in METHODS.items() if method.missing() is None]
+
+
+@pytest.fixture(scope="module")
+def smoke(shared_data, tmp_path_factory):
+    """The smoke preset run once (every method on 3 test slices), with the events it reported."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    events = []
+    report = run_benchmark("smoke", shared_data, out, progress=False, callback=events.append, command="pytest smoke")
+    return out, report, events
+
+
+def _tables(report_text: str) -> str:
+    """Everything below the header (whose wall time differs between runs)."""
+    return report_text[report_text.index("## Summary"):]
+
+
+def test_every_method_returns_finite_images_of_the_input_shape(smoke):
+    out, _, events = smoke
+    case_dir = out / "cases" / CASE
+    assert {e["method"] for e in events if e["event"] == "fit"} == set(_available())
+    noisy = load_datalist(case_dir / "data" / "datalist.json", "test")
+    for name in _available():
+        record = json.loads((case_dir / f"{name}.json").read_text())
+        figure_slice = next(i for i in noisy if i["id"] == record["slices"][len(record["slices"]) // 2])
+        output = np.load(case_dir / f"{name}.npy")
+        assert output.shape == np.load(figure_slice["image"]).shape and np.isfinite(output).all(), name
+        assert len(record["psnr"]) == 3 and np.isfinite(record["psnr"] + record["ssim"]).all(), name
+
+
+def test_report_has_one_row_per_method_with_mean_and_sd(smoke):
+    _, report, _ = smoke
+    text = report.read_text()
+    for key in ("command: pytest smoke", "commit:", "machine:", "smoke.yaml", "wall time of this run"):
+        assert key in text, key
+    section = text[text.index(f"## {CASE}"):]
+    rows = {label: values for label, *values in ROW.findall(section)}
+    assert set(rows) == {METHODS[name].label for name in _available()}
+    assert "noisy input" in rows and float(rows["noisy input"][0]) > 20
+    assert "Paired Wilcoxon" in section and f"figures/{CASE}.png" in section
+    skipped = [name for name in METHODS if name not in _available()]
+    assert all(f"skipped {name}:" in text for name in skipped)
+
+
+def test_csv_has_one_row_per_case_method_and_slice(smoke):
+    out, _, _ = smoke
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == _CSV_COLUMNS
+    assert len(rows) == 3 * len(_available())
+    assert {r["method"] for r in rows} == set(_available()) and {r["case"] for r in rows} == {CASE}
+    assert all(np.isfinite(float(r["psnr"])) and 0 <= float(r["ssim"]) <= 1 for r in rows)
+
+
+def test_visual_grid_is_written(smoke):
+    out, _, _ = smoke
+    assert (out / "figures" / f"{CASE}.png").stat().st_size > 20_000
+
+
+def test_rerun_resumes_without_refitting_and_writes_identical_tables(smoke, shared_data):
+    out, report, _ = smoke
+    first_md, first_csv = report.read_text(), (out / "results.csv").read_bytes()
+    events = []
+    run_benchmark("smoke", shared_data, out, progress=False, callback=events.append, command="pytest smoke")
+    assert not [e for e in events if e["event"] in ("fit", "prepare")]
+    assert {e["method"] for e in events if e["event"] == "resume"} == set(_available())
+    assert (out / "results.csv").read_bytes() == first_csv
+    assert _tables(report.read_text()) == _tables(first_md)
+
+
+def test_changed_settings_rerun_only_that_method(smoke, shared_data, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(smoke[0], out)
+    preset = load_preset("smoke")
+    custom = tmp_path / "custom.yaml"
+    settings = {**preset["method_settings"], "noise2self": {**preset["method_settings"]["noise2self"], "iterations": 3}}
+    custom.write_text(json.dumps({"bundle_preset": "smoke", "max_test_slices": 3, "datasets": ["studyforrest"],
+                                  "noises": ["gaussian"], "methods": ["noisy", "noise2self"],
+                                  "method_settings": settings}))
+    events = []
+    run_benchmark(custom, shared_data, out, progress=False, callback=events.append)
+    assert [e["method"] for e in events if e["event"] == "fit"] == ["noise2self"]
+
+
+def test_a_denoiser_returning_nan_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "broken", Method("broken", "classical", lambda *_: lambda x: x * np.nan))
+    image = np.full((16, 16), 0.5, dtype=np.float32)
+    np.save(tmp_path / "x.npy", image)
+    item = {"id": "v/0000", "image": str(tmp_path / "x.npy"), "clean": str(tmp_path / "x.npy")}
+    settings = FitSettings(Case("studyforrest", "gaussian", 0.1, 0.0, "full"), tmp_path, "smoke", 0)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        run_method("broken", settings, [image], [item], tmp_path / "work", "v/0000")
+
+
+def test_phantom_reference_is_the_mean_of_other_repeats_in_the_test_volume_scale(shared_data, tmp_path):
+    case = build_cases(load_preset("smoke", datasets="phantom"))[0]
+    assert case == Case("phantom", "real", None, 0.0, "repeats") and case.name == "phantom-real"
+    datalist = prepare_case(case, shared_data, tmp_path / case.name)
+    splits = {s: load_datalist(datalist, s) for s in ("training", "validation", "test")}
+    assert all(item["volume"] == "0126" for items in splits.values() for item in items)
+    assert "clean" not in splits["training"][0] and all("clean" in item for item in splits["test"])
+    train_slices = {item["slice_index"] for item in splits["training"]}
+    assert not train_slices & {item["slice_index"] for item in splits["test"]}
+    repeats = tmp_path / case.name / "repeats"
+    volumes = json.loads((repeats / "datalist.json").read_text())["meta"]["volumes"]
+    ranges = {volume: meta["intensity_range"] for volume, meta in volumes.items()}
+
+    def in_test_scale(volume, k):
+        (low, high), (test_low, test_high) = ranges[volume], ranges["0126"]
+        physical = low + np.load(repeats / "slices" / volume / f"{k:04d}_noisy.npy") * (high - low)
+        return (physical - test_low) / (test_high - test_low)
+
+    for item in splits["test"]:
+        noisy, reference = np.load(item["image"]), np.load(item["clean"])
+        refs = [in_test_scale(v, item["slice_index"]) for v in ("0189", "0252", "0315")]
+        np.testing.assert_allclose(reference, np.clip(np.mean(refs, axis=0), 0, 1), atol=1e-6)
+        one_repeat = refs[0]
+        assert abs(reference.mean() / noisy.mean() - 1) < 0.01  # one intensity scale
+        # averaging three repeats leaves a third of the noise variance of one: closer to the noisy input
+        assert np.mean((reference - noisy) ** 2) < 0.8 * np.mean((one_repeat - noisy) ** 2)
+
+
+@pytest.mark.parametrize("correlation,overlay", [(0.0, "noise/iid"), (0.5, "noise/correlated_mild"),
+                                                 (1.2, "noise/correlated")])
+def test_blind_spot_follows_the_noise_correlation(correlation, overlay):
+    assert bsn_overlay(correlation) == overlay
+
+
+def test_presets_expand_to_the_documented_cases():
+    cpu = build_cases(load_preset("cpu"))
+    assert len(cpu) == 2 * 3 * 3 + 1
+    assert {c.reference for c in cpu} == {"full", "down2", "strong", "repeats"}
+    chest = next(c for c in cpu if c.name == "chest_xray-poisson-full")
+    strong = next(c for c in cpu if c.name == "studyforrest-gaussian_corr1.2-strong")
+    assert chest.level == 700 and strong.level == pytest.approx(15 / 255) and strong.correlation == 1.2
+    assert load_preset("smoke")["methods"] == list(METHODS)
+
+
+@pytest.mark.parametrize("selection,match", [
+    ({"methods": "bm3d,bsnn"}, "bsnn.*choose from"),
+    ({"noises": "gaussian_corr"}, "poisson_corr1.2"),
+    ({"datasets": "knee"}, "studyforrest"),
+    ({"references": "half"}, "down2"),
+])
+def test_bad_selection_names_the_choices(selection, match):
+    with pytest.raises(ValueError, match=match):
+        load_preset("smoke", **selection)
+
+
+def _scores(**psnr):
+    return {name: {"psnr": np.asarray(v), "ssim": np.asarray(v) / 40} for name, v in psnr.items()}
+
+
+def test_clear_winner_is_bold():
+    base = np.linspace(28.0, 32.0, 10)
+    test = paired_best({"bsn": base + 1.0, "noisy": base, "tv": base + 0.5})
+    assert test.best == "bsn" and test.significant and test.p_values["noisy"] == pytest.approx(2 / 2**10)
+    table = significance_table(_scores(bsn=base + 1.0, noisy=base, tv=base + 0.5))
+    assert re.search(r"^\| bsn \| \*\*31\.00 \+- 1\.35\*\* \| \*\*", table, re.M), table
+    assert "(n.s.)" not in table and re.search(r"^\| noisy \| 30\.00 \+- 1\.35 \| .* \| 0\.00195 \|", table, re.M)
+
+
+def test_ties_are_not_significant():
+    base = np.linspace(28.0, 32.0, 10)
+    alternating = base + np.where(np.arange(10) % 2, 0.1, -0.1)
+    for other in (base, alternating):
+        table = significance_table(_scores(nlm=base, bm3d=other))
+        assert "**" not in table and "(n.s.)" in table, table
+    same = paired_best({"a": base, "b": base})
+    assert not same.significant and same.p_values["b"] == 1
+
+
+def test_too_few_slices_never_reach_significance():
+    assert not paired_best({"a": np.arange(5.0) + 1, "b": np.arange(5.0)}).significant  # p >= 2 / 2**5
+
+
+def test_losses_line_names_where_diffdenoise_loses():
+    base = np.linspace(28.0, 32.0, 10)
+    labels = {"srds": "SRDS", "bm3d": "BM3D", "noisy": "noisy input"}
+    kinds = {"srds": "diffdenoise", "bm3d": "classical", "noisy": "input"}
+    line = losses_line(_scores(srds=base + 0.5, bm3d=base + 1.0, noisy=base), kinds, labels)
+    assert line.startswith("**DiffDenoise loses here:**")
+    assert "SRDS < BM3D in PSNR (30.50 vs 31.00, p = 0.00195)" in line
+    assert "noisy input" not in line
+    assert "highest" in losses_line(_scores(srds=base + 2.0, bm3d=base + 1.0, noisy=base), kinds, labels)
+    assert losses_line(_scores(bm3d=base, noisy=base), kinds, labels) is None
