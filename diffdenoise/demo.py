@@ -17,7 +17,7 @@ import numpy as np
 
 from diffdenoise.data import load_datalist, prepare
 from diffdenoise.metrics import score_datalist
-from diffdenoise.report import save_comparison_figure, score_table
+from diffdenoise.report import save_visual_grid, score_table
 from diffdenoise.stages import run_stage
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,10 @@ def write_report(out: Path, datalist: Path, **facts) -> Path:
     scores = score_datalist(datalist, keys)
     items = load_datalist(datalist, "test")
     middle = items[len(items) // 2]
-    images = [np.load(middle[k]) for k in keys] + [np.load(middle["clean"])]
-    figure = save_comparison_figure(images, [labels[k] for k in keys] + ["clean reference"],
-                                    out / "figures" / "demo_comparison.png")
+    clean = np.load(middle["clean"])
+    figure = save_visual_grid([np.load(middle[k]) for k in keys] + [clean],
+                              [labels[k] for k in keys] + ["clean reference"], clean,
+                              out / "figures" / "demo_comparison.png")
     facts["seconds"] = {k: round(v, 1) for k, v in facts.pop("timings").items()}
     lines = [
         "# diffdenoise demo report",
