@@ -84,7 +84,7 @@ def normalise(array, modality: str, ct_window=(-100.0, 200.0)) -> np.ndarray:
         print(normalise(hu, "ct"))  # [[0. 0.46666667 1.]]
     """
     low, high = intensity_range(array, modality, ct_window)
-    return _scale(array, low, high)
+    return scale_to_unit(array, low, high)
 
 
 def _area_downsample(slices: np.ndarray, k: int) -> np.ndarray:
@@ -97,7 +97,7 @@ def _area_downsample(slices: np.ndarray, k: int) -> np.ndarray:
     return slices[:, : h - h % k, : w - w % k].reshape(z, h // k, k, w // k, k).mean(axis=(2, 4)).astype(np.float32)
 
 
-def _scale(array, low: float, high: float) -> np.ndarray:
+def scale_to_unit(array, low: float, high: float) -> np.ndarray:
     """Maps [low, high] linearly to [0, 1] and clips; a zero-width range maps to 0."""
     scaled = (np.asarray(array, dtype=np.float32) - low) / ((high - low) or 1.0)
     return np.clip(scaled, 0.0, 1.0).astype(np.float32)
@@ -226,7 +226,7 @@ def prepare(
             volume = source.read()
             volume_modality = modality or volume.modality
             low, high = intensity_range(volume.array, volume_modality, ct_window)
-            clean = _area_downsample(_scale(volume.array, low, high), downsample)
+            clean = _area_downsample(scale_to_unit(volume.array, low, high), downsample)
             foreground = [k for k in range(len(clean)) if not is_background(clean[k])]
             if by_group:  # the split of each group is decided once all slices are counted
                 blocks = dict.fromkeys(foreground)

@@ -35,13 +35,12 @@ from skimage.restoration import estimate_sigma
 from tqdm import tqdm
 
 from diffdenoise import __version__
-from diffdenoise.data import NORMALISATION_RULE, _scale, intensity_range
-from diffdenoise.errors import InputError
+from diffdenoise.data import NORMALISATION_RULE, intensity_range, scale_to_unit
+from diffdenoise.errors import InputError, one_line
 from diffdenoise.io import (
     MODALITIES,
     Volume,
     VolumeSource,
-    _one_line,
     atomic_folder,
     check_output_folder,
     scan_volumes,
@@ -135,7 +134,7 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
         try:
             ConfigParser.load_config_file(path)
         except Exception as exc:
-            raise InputError(path, f"cannot parse the config ({_one_line(exc)})") from exc
+            raise InputError(path, f"cannot parse the config ({one_line(exc)})") from exc
     parser = ConfigParser()
     parser.read_config([str(path) for path in files])
     parser["bundle_root"] = str(bundle)
@@ -145,15 +144,15 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
         inferer = parser.get_parsed_content(spec.inferer_key)
     except Exception as exc:
         raise InputError(bundle / "configs", f"cannot build `{spec.network_key}`/`{spec.inferer_key}` from {names} "
-                         f"({_one_line(exc)})") from exc  # fmt: skip
+                         f"({one_line(exc)})") from exc  # fmt: skip
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(checkpoint, f"cannot read the checkpoint ({_one_line(exc)})") from exc
+        raise InputError(checkpoint, f"cannot read the checkpoint ({one_line(exc)})") from exc
     try:
         network.load_state_dict(state)
     except Exception as exc:
-        problem = f"does not fit `{spec.network_key}` built from {names} ({_one_line(exc)[:240]})"
+        problem = f"does not fit `{spec.network_key}` built from {names} ({one_line(exc)[:240]})"
         fix = "pass the overlays used in training, e.g. --config presets/cpu"
         raise InputError(checkpoint, f"{problem}; {fix}") from exc
     network = network.to(device).eval()
@@ -198,13 +197,13 @@ def denoise_volume(
     with tqdm(total=len(out), desc=volume.volume_id, unit="slice", leave=False, disable=not progress) as bar:
         for start in range(0, len(out), batch_size):
             x = volume.array[start : start + batch_size]
-            x01 = _scale(x, low, high)
+            x01 = scale_to_unit(x, low, high)
             denoised = low + np.clip(model(x01), 0.0, 1.0) * (high - low)
             inside = (x >= low) & (x <= high)
             out[start : start + len(x)] = np.where(inside, denoised, x)
             passed += int(inside.size - np.count_nonzero(inside))
             sigma_before += [estimate_sigma(s) for s in x01]
-            sigma_after += [estimate_sigma(s) for s in _scale(out[start : start + len(x)], low, high)]
+            sigma_after += [estimate_sigma(s) for s in scale_to_unit(out[start : start + len(x)], low, high)]
             bar.update(len(x))
     stats = {
         "modality": name,
@@ -338,7 +337,7 @@ def _device(name: str | None) -> torch.device:
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
-        raise InputError("--device", f"{name!r} is not a device ({_one_line(exc)}); use cpu or cuda") from exc
+        raise InputError("--device", f"{name!r} is not a device ({one_line(exc)}); use cpu or cuda") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device", f"{name} asked for, but torch sees no CUDA device; use --device cpu")
     return device

@@ -17,3 +17,8 @@ class InputError(ValueError):
 def raise_missing(key: str, path, hint: str):
     """Fail at a stage's start when a file it is handed is absent, naming the config key and the fix."""
     raise InputError(path, f"`{key}` does not exist: {hint}")
+
+
+def one_line(exc: Exception) -> str:
+    """A library exception as one line, to quote inside an InputError message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"

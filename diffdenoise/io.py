@@ -41,7 +41,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from diffdenoise.errors import InputError
+from diffdenoise.errors import InputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _sniff(path: Path):
     except InvalidDicomError:
         return None, None, "not a DICOM, NIfTI (.nii, .nii.gz), PNG or TIFF file"
     except Exception as exc:
-        raise InputError(path, f"damaged DICOM header ({_one_line(exc)})") from exc
+        raise InputError(path, f"damaged DICOM header ({one_line(exc)})") from exc
     if "Rows" not in header:
         return None, None, _no_pixels(header)
     return "dicom", header, ""
@@ -254,11 +254,6 @@ def _short_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def _one_line(exc: Exception) -> str:
-    """A library exception as one line, for InputError messages."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
 def _plain(value):
     """Converts pydicom values (DS, IS, UID, MultiValue, PersonName) to JSON-safe built-ins."""
     if value is None:
@@ -301,7 +296,7 @@ def _dicom_pixels(ds, path: Path) -> np.ndarray:
         raw = ds.pixel_array
     except Exception as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID")
-        problem = f"cannot decode the pixel data ({getattr(syntax, 'name', syntax)}): {_one_line(exc)}."
+        problem = f"cannot decode the pixel data ({getattr(syntax, 'name', syntax)}): {one_line(exc)}."
         raise InputError(path, f"{problem} {_decode_hint(syntax)}") from exc
     raw = raw.reshape(-1, int(ds.Rows), int(ds.Columns)).astype(np.float64)
     if photometric == "MONOCHROME1":  # 0 is white: mirror within the stored range
@@ -368,7 +363,7 @@ def _read_dicom(files: list[Path]):
         try:
             ds = pydicom.dcmread(path)
         except Exception as exc:
-            raise InputError(path, f"cannot read DICOM, truncated or damaged ({_one_line(exc)})") from exc
+            raise InputError(path, f"cannot read DICOM, truncated or damaged ({one_line(exc)})") from exc
         pixels = _dicom_pixels(ds, path)
         if n == 0:
             first = ds
@@ -414,7 +409,7 @@ def _read_nifti(files: list[Path]):
         image = nib.load(path)
         data = image.get_fdata(dtype=np.float32)
     except Exception as exc:
-        raise InputError(path, f"cannot read NIfTI ({_one_line(exc)})") from exc
+        raise InputError(path, f"cannot read NIfTI ({one_line(exc)})") from exc
     shape = data.shape
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -441,7 +436,7 @@ def _read_raster(files: list[Path]):
         with Image.open(path) as image:
             pages = [(page.mode, np.array(page)) for page in ImageSequence.Iterator(image)]
     except Exception as exc:
-        raise InputError(path, f"cannot read image ({_one_line(exc)})") from exc
+        raise InputError(path, f"cannot read image ({one_line(exc)})") from exc
     modes = sorted({mode for mode, _ in pages})
     if any(mode not in _GRAY_MODES for mode in modes):
         raise InputError(path, f"{'/'.join(modes)} image; only 8/16-bit grayscale is supported. Convert it")
