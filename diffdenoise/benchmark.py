@@ -222,16 +222,26 @@ def bsn_overlay(correlation: float) -> str:
     return "noise/correlated_mild" if correlation < 0.85 else "noise/correlated"
 
 
+def _noise_keys(case: Case) -> dict:
+    """The bundle's noise keys for the posterior re-injection: a Gaussian (or real) noise's sigma is
+    estimated per slice, as the classical filters do; Poisson and Gamma have no estimator, so the case's
+    level is given."""
+    if case.noise in ("real", "gaussian", "rician"):
+        return {"noise_model": "gaussian", "noise_level": None}
+    return {"noise_model": case.noise, "noise_level": case.level}
+
+
 def _fit_bsn(train_noisy, workdir, settings) -> Denoiser:
     """Stage 1 as the bundle runs it: ``train_bsn`` on the case's training split (the same noisy slices as
-    ``train_noisy``, validated on the noisy validation split), then ``infer_bsn``'s network and inferer."""
+    ``train_noisy``, validated on the noisy validation split), then ``infer_bsn``'s network and the
+    stage-1 denoiser (blind estimate + posterior re-injection)."""
     overlays = [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation)]
     keys = {"dataset_dir": str(settings.dataset_dir), "bundle_root": str(workdir / "bundle"), "seed": settings.seed,
-            **settings.options}
+            **_noise_keys(settings.case), **settings.options}
     run_stage("train_bsn", overlays, **keys)
     parser = stage_parser("infer_bsn", overlays, **keys)
     parser.get_parsed_content("initialize")  # loads bsn_ckpt, fails naming the key when it is missing
-    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("bsn_inferer")
+    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("bsn_denoiser")
     device = next(network.parameters()).device
 
     def denoise(noisy: np.ndarray) -> np.ndarray:

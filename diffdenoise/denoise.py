@@ -62,7 +62,7 @@ class Mode(NamedTuple):
 
 
 MODES = {
-    "bsn": Mode("bsn.pt", "bsn_def", "bsn_inferer", ("common.yaml",), "stage 1"),
+    "bsn": Mode("bsn.pt", "bsn_def", "bsn_denoiser", ("common.yaml",), "stage 1"),
     "student": Mode("model.pt", "network_def", "inferer", ("common.yaml", "inference.yaml"), "stage 4"),
     "srds": Mode("diffusion.pt", "diffusion_def", "srds_inferer", ("common.yaml", "sample_srds.yaml"), "stage 2"),
 }

@@ -68,6 +68,26 @@ def _blur_keep_power(n: np.ndarray, sigma: float, spatial_axes: tuple[int, ...])
     return blurred * np.sqrt(ratio)
 
 
+def noise_variance(model: str, level: float, signal, gamma_rate: float | None = None):
+    """Per-pixel variance of a model's noise n = x' - x given the clean signal x (array or tensor).
+
+    Gaussian and Rician (its Gaussian parts, the high-SNR limit): sigma^2. Poisson: x / lambda.
+    Gamma: x^2 alpha / beta^2. The correlated variants have the same marginal variance (the blurred
+    draw is rescaled to its power, then mixed 1:1 with an independent draw and divided by sqrt 2).
+    Negative signal, e.g. an estimate that undershoots 0, counts as 0 for Poisson.
+
+    Raises:
+        ValueError: an unknown model or a level out of range (as ``SyntheticNoise``).
+    """
+    SyntheticNoise(model, level, gamma_rate=gamma_rate)  # validates the arguments
+    if model == "poisson":
+        return signal * (signal > 0) / level
+    if model == "gamma":
+        rate = level if gamma_rate is None else gamma_rate
+        return signal**2 * (level / rate**2)
+    return signal * 0.0 + level**2
+
+
 class SyntheticNoise(Transform):
     """Adds one fixed realisation of a paper noise model to an image in [0, 1].
 

@@ -1,4 +1,5 @@
 """Inferers: one per stage, each usable as a bundle's `inferer`."""
 
 from .blind_spot import BlindSpotInferer
+from .posterior import PosteriorReinjection
 from .srds import SRDSInferer
