@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from diffdenoise.data import load_datalist
-from diffdenoise.errors import InputError
+from diffdenoise.errors import InputError, one_line, raise_missing
 
 SPLITS = ("training", "validation", "test")
 
@@ -146,3 +146,22 @@ def write_stage_outputs(
     tmp_json.write_text(json.dumps(result, indent=1))
     tmp_json.replace(new_datalist)
     return new_datalist
+
+
+def load_weights(network: torch.nn.Module, path, key: str, hint: str) -> torch.nn.Module:
+    """``network`` with a stage's checkpoint loaded, in eval mode: how a later stage uses an earlier one.
+
+    Raises:
+        InputError: the checkpoint named by config ``key`` is missing (``hint`` says which stage writes it),
+            unreadable, or does not fit the network (usually: other size overlays than in training).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise_missing(key, path, hint)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    except Exception as exc:
+        raise InputError(path, f"`{key}` does not fit the network ({one_line(exc)[:240]}); pass the overlays "
+                         "it was trained with, e.g. configs/presets/cpu.yaml") from exc
+    return network.eval()

@@ -25,6 +25,7 @@ from enum import Enum
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler
@@ -119,6 +120,9 @@ class SRDSInferer(Inferer):
         clip_x0: clamp the predicted x0 of the diffused variable (r for the residual target) to
             ``(low, high)`` at every step; None never clamps.
         condition_fn: computes x_c from x' when ``__call__`` gets no ``condition`` (e.g. a BSN inferer).
+        pad_multiple: reflect-pad the spatial sizes up to a multiple of this, then crop the result: a U-Net
+            with L levels needs multiples of 2 ** (L - 1). The padded border's noise is the reflection of
+            the inner noise, which touches at most ``pad_multiple - 1`` pixels per axis.
         progress: show a tqdm bar over the DDIM steps (on stderr).
         callback: called after every step with ``{"step", "num_inference_steps", "timestep", "sample",
             "pred_original_sample"}``; the tensors are the whole member batch of the diffused variable.
@@ -153,6 +157,7 @@ class SRDSInferer(Inferer):
         return_spread: bool = False,
         clip_x0: Sequence[float] | None = None,
         condition_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        pad_multiple: int = 1,
         progress: bool = False,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
@@ -181,6 +186,8 @@ class SRDSInferer(Inferer):
             )
         if clip_x0 is not None and (len(clip_x0) != 2 or not clip_x0[0] < clip_x0[1]):
             raise ValueError(f"clip_x0={clip_x0} must be (low, high) with low < high, or None to never clamp.")
+        if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, int) or pad_multiple < 1:
+            raise ValueError(f"pad_multiple={pad_multiple!r} must be an integer >= 1, e.g. 4 for a 3-level U-Net.")
         if condition_fn is not None and not callable(condition_fn):
             raise ValueError(f"condition_fn must be callable or None, got {type(condition_fn).__name__}.")
 
@@ -210,6 +217,7 @@ class SRDSInferer(Inferer):
         self.return_spread = bool(return_spread)
         self.clip_x0 = None if clip_x0 is None else (float(clip_x0[0]), float(clip_x0[1]))
         self.condition_fn = condition_fn
+        self.pad_multiple = pad_multiple
         self.progress = bool(progress)
         self.callback = callback
 
@@ -306,8 +314,21 @@ class SRDSInferer(Inferer):
         self, x: torch.Tensor, network: Callable[..., torch.Tensor], cond: torch.Tensor, noise: torch.Tensor,
         *args: Any, **kwargs: Any,
     ) -> torch.Tensor:
-        """The DDIM loop on plain tensors of equal shape; returns x_0 of the diffused variable."""
+        """The DDIM loop on plain tensors of equal shape, padded to ``pad_multiple``; returns x_0 of the diffused
+        variable at the input's size."""
         noise = _plain(noise).to(device=x.device, dtype=x.dtype)
+        sizes = x.shape[2:]
+        pads = [p for size in reversed(sizes) for p in (0, (-size) % self.pad_multiple)]
+        if any(pads):
+            x, cond, noise = (F.pad(t, pads, mode="reflect") for t in (x, cond, noise))
+        x_t = self._ddim_loop(x, network, cond, noise, *args, **kwargs)
+        return x_t[(..., *(slice(0, size) for size in sizes))]
+
+    def _ddim_loop(
+        self, x: torch.Tensor, network: Callable[..., torch.Tensor], cond: torch.Tensor, noise: torch.Tensor,
+        *args: Any, **kwargs: Any,
+    ) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) from the start state to x_0, one network forward per timestep."""
         with torch.no_grad():
             if self.start_timestep is None:
                 x_t = noise

@@ -34,3 +34,40 @@ def test_smoke_training_writes_the_ema_checkpoint(trained, tmp_path):
     network.load_state_dict(torch.load(ckpt, weights_only=True))
     out = network(torch.zeros(1, 2, 32, 32), timesteps=torch.tensor([10]))
     assert out.shape == (1, 1, 32, 32) and np.isfinite(out.detach().numpy()).all()
+
+
+def test_sample_srds_writes_pseudo_targets_and_denoise_mode_srds_computes_its_own_condition(trained):
+    """Stage 3 after a short stage 2, on a few slices of each split: srds/*.npy for each, finite, near the input;
+    the `srds` mode of `diffdenoise denoise` builds the same sampler with x_c from the stage-1 network."""
+    import json
+    import shutil
+
+    from diffdenoise.data import load_datalist
+    from diffdenoise.denoise import load_model
+    from diffdenoise.stages import bundle_dir, run_stage
+
+    data, bundle_root, _ = trained
+    if not (data / "datalist_bsn_posterior.json").is_file():
+        run_stage("infer_bsn", ["presets/smoke"], dataset_dir=str(data), bundle_root=str(bundle_root))
+    if not (bundle_root / "models" / "diffusion.pt").is_file():
+        run_stage("train_diffusion", ["presets/smoke"], dataset_dir=str(data), bundle_root=str(bundle_root),
+                  epoch_length=4, max_epochs=1)
+    # full-size slices cost seconds per DDIM step on a CPU: two slices per split prove the wiring
+    full = json.loads((data / "datalist_bsn_posterior.json").read_text())
+    few = {**{split: full[split][:2] for split in ("training", "validation", "test")}, "meta": full["meta"]}
+    (data / "datalist_few.json").write_text(json.dumps(few))
+    run_stage("sample_srds", ["presets/smoke"], dataset_dir=str(data), bundle_root=str(bundle_root), srds_steps=2,
+              srds_input_datalist_path=str(data / "datalist_few.json"))
+    items = {split: load_datalist(data / "datalist_srds.json", split) for split in ("training", "validation", "test")}
+    assert [len(v) for v in items.values()] == [2, 2, 2]
+    for item in items["test"]:
+        noisy, out = np.load(item["image"]), np.load(item["srds"])
+        assert {"bsn", "bsn_posterior", "clean"} <= set(item)
+        # 384 x 274: not a multiple of 4, so the sampler padded for the 3-level U-Net and cropped back
+        assert out.shape == noisy.shape and np.isfinite(out).all()
+        assert np.abs(out - noisy).mean() < 0.5
+
+    shutil.copytree(bundle_dir() / "configs", bundle_root / "configs", dirs_exist_ok=True)
+    model = load_model(bundle_root, mode="srds", device="cpu", config=["presets/smoke"])
+    out = model(np.load(items["test"][0]["image"])[None, :64, :62])
+    assert out.shape == (1, 64, 62) and np.isfinite(out).all()

@@ -321,6 +321,24 @@ def test_monai_diffusion_unet_signature(scheduler):
     assert SRDSInferer(scheduler, 2)(x_c, net, condition=x_c).shape == x_c.shape
 
 
+def test_pad_multiple_fits_a_unet_to_odd_sizes_and_is_a_no_op_on_multiples(scheduler):
+    """A 3-level U-Net fails on 18 x 15 unless padded; on a multiple of 4 padding changes nothing."""
+    nets = pytest.importorskip("monai.networks.nets")
+    pytest.importorskip("einops")
+    torch.manual_seed(0)
+    net = nets.DiffusionModelUNet(
+        spatial_dims=2, in_channels=2, out_channels=1, channels=(8, 8, 8), attention_levels=(False,) * 3,
+        num_res_blocks=1, norm_num_groups=8,
+    ).eval()
+    odd = randn((1, 1, 18, 15), 2, torch.float32)
+    with pytest.raises(RuntimeError):
+        SRDSInferer(scheduler, 2)(odd, net, condition=odd)
+    assert SRDSInferer(scheduler, 2, pad_multiple=4)(odd, net, condition=odd).shape == odd.shape
+    even = randn((1, 1, 16, 12), 3, torch.float32)
+    assert torch.equal(SRDSInferer(scheduler, 2, pad_multiple=4)(even, net, condition=even),
+                       SRDSInferer(scheduler, 2)(even, net, condition=even))
+
+
 # --- validation --------------------------------------------------------------------------------------------
 
 
@@ -336,6 +354,7 @@ def test_monai_diffusion_unet_signature(scheduler):
         ({"residual_scale": 0.0}, "residual_scale"),
         ({"clip_x0": (1.0, -1.0)}, "clip_x0"),
         ({"condition_fn": "bsn"}, "condition_fn"),
+        ({"pad_multiple": 0}, "pad_multiple"),
     ],
 )
 def test_invalid_arguments(scheduler, kwargs, match):
