@@ -43,14 +43,29 @@ def stage(name: str, *overlays: str, **overrides) -> None:
     run_stage(name, overlays, **overrides)
 
 
-def demo(out: str = "diffdenoise_demo", preset: str = "cpu", noise: str = "gaussian", level: float = 15 / 255,
-         seed: int = 0) -> str:
+def demo(out: str = "diffdenoise_demo", preset: str = "demo", noise: str = "gaussian", level: float = 15 / 255,
+         seed: int = 0, downsample: int = 2) -> str:
     """Run every built stage on the MNI152 template shipped with nilearn (offline) and write OUT/report.md."""
     from diffdenoise.demo import run_demo
 
-    report = run_demo(out=out, preset=preset, noise=noise, level=level, seed=seed)
+    report = run_demo(out=out, preset=preset, noise=noise, level=level, seed=seed, downsample=downsample)
     print(report.read_text())
     return str(report)
+
+
+def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modality: str | None = None, seed: int = 0,
+        overwrite: bool = False, **overrides) -> str:
+    """Train every stage on noisy scans (no clean images) and leave a finished bundle in RUN_DIR.
+
+    Example: ``diffdenoise fit scans/ runs/my_bundle --preset cpu``, then
+    ``diffdenoise denoise new_scan/ out/ --bundle runs/my_bundle`` or
+    ``python -m monai.bundle run --config_file runs/my_bundle/configs/inference.yaml``.
+    """
+    from diffdenoise.fit import fit as fit_bundle
+
+    overlays = (overlays,) if isinstance(overlays, str) else tuple(overlays)
+    return str(fit_bundle(src, run_dir, preset=preset, overlays=overlays, modality=modality, seed=seed,
+                          overwrite=overwrite, **overrides))
 
 
 def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = None, device: str | None = None,
@@ -86,7 +101,7 @@ def _input_error(err: BaseException) -> InputError | None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     try:
-        fire.Fire({"prepare": prepare, "stage": stage, "demo": demo, "denoise": denoise}, command=argv,
+        fire.Fire({"prepare": prepare, "stage": stage, "demo": demo, "fit": fit, "denoise": denoise}, command=argv,
                   name="diffdenoise")
     except Exception as err:  # noqa: BLE001 - only bad input is turned into a one-line message
         cause = _input_error(err)

@@ -1,0 +1,76 @@
+"""``diffdenoise fit``: every stage on a user's noisy scans, leaving a finished, self-contained bundle.
+
+No clean image is needed or used. The run is built in a hidden folder beside RUN_DIR and renamed when the
+last stage and the export are done, so RUN_DIR is either a finished bundle or absent:
+
+    RUN_DIR/configs/<stage>.yaml   each stage's config merged with common.yaml and the overlays, with
+                                   bundle_root = RUN_DIR, so ``python -m monai.bundle run --config_file
+                                   RUN_DIR/configs/inference.yaml`` needs nothing else
+    RUN_DIR/configs/common.yaml    the merged shared keys (what ``diffdenoise denoise --bundle`` reads first)
+    RUN_DIR/configs/metadata.json, RUN_DIR/LICENSE
+    RUN_DIR/models/{bsn,diffusion,model}.pt, RUN_DIR/models/model.ts (the student, TorchScript)
+    RUN_DIR/data/                  the prepared slices and every stage's outputs (pseudo-targets included)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from monai.bundle import ConfigParser, ckpt_export
+
+from diffdenoise.data import prepare
+from diffdenoise.io import atomic_folder, check_output_folder
+from diffdenoise.pipeline import STAGES, run_pipeline, stage_keys
+from diffdenoise.stages import bundle_dir, stage_config_files
+
+# configs a finished bundle carries, beyond those STAGES run
+_EXTRA_CONFIGS = ("infer_bsn",)
+
+
+def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modality: str | None = None,
+        seed: int = 0, overwrite: bool = False, **overrides) -> Path:
+    """Prepares ``src`` (already noisy), trains and runs every stage, exports the student; returns RUN_DIR.
+
+    Args:
+        src: noisy DICOM series / NIfTI / PNG / TIFF, a file or a folder (``diffdenoise prepare``).
+        run_dir: the bundle folder to create.
+        preset: ``smoke``, ``cpu`` or ``paper`` (``configs/presets``).
+        overlays: more overlays after the preset, e.g. ``["noise/correlated"]`` for correlated noise.
+        modality: "mri", "ct", "xray" or "other" (CT is windowed in HU); None detects it.
+        seed: fixes the splits and the training.
+        overwrite: replace an existing RUN_DIR.
+        overrides: any config key, e.g. ``max_epochs=30`` (applied to every stage).
+
+    Raises:
+        InputError: unusable input or an output folder that would clobber something (before any work).
+    """
+    run_dir = Path(run_dir).absolute()
+    check_output_folder(run_dir, src, overwrite)
+    overlays = [f"presets/{preset}", *overlays]
+    with atomic_folder(run_dir, overwrite) as work:
+        prepare(src, work / "data", modality=modality, seed=seed)
+        run_pipeline(work / "data", work, overlays, seed=seed, **overrides)
+        _write_configs(work, run_dir, overlays, {"seed": seed, **overrides})
+        ckpt_export(net_id="network_def", filepath=str(work / "models" / "model.ts"),
+                    ckpt_file=str(work / "models" / "model.pt"), meta_file=str(work / "configs" / "metadata.json"),
+                    config_file=[str(work / "configs" / "inference.yaml")], bundle_root=str(work))
+    return run_dir
+
+
+def _write_configs(work: Path, run_dir: Path, overlays: Sequence[str], overrides: dict) -> None:
+    """One merged config per stage, pointing at the final RUN_DIR, plus metadata and licence."""
+    configs = work / "configs"
+    configs.mkdir()
+    keys = {"bundle_root": str(run_dir), "dataset_dir": str(run_dir / "data"), **stage_keys(run_dir / "data"),
+            **overrides}
+    names = ["common", *_EXTRA_CONFIGS, *(c for s in STAGES for c in s.configs)]
+    for name in names:
+        files = stage_config_files(name, overlays)
+        parser = ConfigParser()
+        parser.read_config(files[1:] if name == "common" else files)  # common.yaml is files[0]
+        parser.update(keys)
+        ConfigParser.export_config_file(parser.get(), str(configs / f"{name}.yaml"), fmt="yaml", sort_keys=False)
+    shutil.copy(bundle_dir() / "configs" / "metadata.json", configs / "metadata.json")
+    shutil.copy(bundle_dir() / "LICENSE", work / "LICENSE")
