@@ -126,7 +126,7 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
     checkpoint = bundle / "models" / spec.checkpoint
     if not checkpoint.is_file():
         raise InputError(bundle, f"mode '{mode}' needs models/{spec.checkpoint} (train {spec.trained_by} first)")
-    device = _device(device)
+    device = resolve_device(device)
     files = [bundle / "configs" / name for name in spec.configs] + [_config_file(c) for c in config]
     for path in files:
         if not path.is_file():
@@ -157,7 +157,7 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
         raise InputError(checkpoint, f"{problem}; {fix}") from exc
     network = network.to(device).eval()
     configs = [str(path.resolve()) for path in files]
-    return Model(mode, network, inferer, device, checkpoint.resolve(), _sha256(checkpoint), configs)
+    return Model(mode, network, inferer, device, checkpoint.resolve(), file_sha256(checkpoint), configs)
 
 
 def denoise_volume(
@@ -332,14 +332,15 @@ def _series_uid(source: VolumeSource) -> str:
     return str(header.get("SeriesInstanceUID", ""))
 
 
-def _device(name: str | None) -> torch.device:
-    """The torch device to run on; refuses cuda where torch sees none, rather than failing mid-volume."""
+def resolve_device(name: str | None, option: str = "--device") -> torch.device:
+    """The torch device to run on (None: cuda when available); refuses cuda where torch sees none, rather than
+    failing mid-volume. ``option`` names the setting in the error."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
-        raise InputError("--device", f"{name!r} is not a device ({one_line(exc)}); use cpu or cuda") from exc
+        raise InputError(option, f"{name!r} is not a device ({one_line(exc)}); use cpu or cuda") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device", f"{name} asked for, but torch sees no CUDA device; use --device cpu")
+        raise InputError(option, f"{name} asked for, but torch sees no CUDA device; use cpu")
     return device
 
 
@@ -354,7 +355,7 @@ def _config_file(name) -> Path:
         raise InputError(name, f"no such config file, and {exc}") from exc
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """Hash of a model file, so a report names exactly which weights produced an output."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import zipfile
@@ -39,7 +38,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from diffdenoise import __version__
-from diffdenoise.denoise import load_model
+from diffdenoise.denoise import file_sha256, load_model, resolve_device
 from diffdenoise.errors import InputError, one_line
 
 logger = logging.getLogger(__name__)
@@ -61,14 +60,14 @@ class TorchScriptDenoiser:
 
     def __init__(self, path, device: str | None = None, inferer_key: str = "inferer"):
         self.path = Path(path).resolve()
-        self.device = _device(device)
+        self.device = resolve_device(device, option="device")
         try:
             self.network = torch.jit.load(str(self.path), map_location=self.device).eval()
         except Exception as exc:
             problem = (f"not a TorchScript model ({one_line(exc).split('. ')[0]}); "
                        "export one with python -m monai.bundle ckpt_export")
             raise InputError(self.path, problem) from exc
-        self.sha256 = _sha256(self.path)
+        self.sha256 = file_sha256(self.path)
         self.configs = embedded_configs(self.path)
         self.inferer, self.inferer_name = self._inferer(inferer_key)
         self.derivation = (
@@ -168,23 +167,3 @@ def embedded_configs(path) -> dict[str, dict]:
                 except ValueError:
                     logger.warning("%s: embedded %s is not JSON; ignored", path, name)
     return configs
-
-
-def _device(name: str | None) -> torch.device:
-    """The torch device; refuses cuda where torch sees none."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise InputError("device", f"{name!r} is not a device ({one_line(exc)}); use cpu or cuda") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device", f"{name} asked for, but torch sees no CUDA device; use cpu")
-    return device
-
-
-def _sha256(path: Path) -> str:
-    """Hash of the model file, so the output names exactly which weights made it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

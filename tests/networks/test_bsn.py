@@ -2,11 +2,11 @@
 
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from diffdenoise.metrics import psnr
 from diffdenoise.networks import BlindSpotNet
 
 # Centre, next to the bottom-right border (H=31, W=33 are not multiples of 2; H is not one of 3) and corner.
@@ -102,22 +102,9 @@ def _smooth_image(size: int = 128) -> torch.Tensor:
     return ((img - img.min()) / (img.max() - img.min()))[None, None]
 
 
-def _mri_slice(shared_data) -> torch.Tensor:
-    pydicom = pytest.importorskip("pydicom")
-    path = shared_data / "brain_mri_t1_axial_studyforrest" / "series" / "N2D_0190.dcm"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    img = torch.from_numpy(pydicom.dcmread(path).pixel_array.astype(np.float32))
-    return ((img - img.min()) / (img.max() - img.min()))[None, None]
-
-
-def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return (10 * torch.log10(1 / F.mse_loss(x, ref))).item()
-
-
 @pytest.mark.parametrize("source", ["synthetic", "mri"])
 def test_self_supervised_training_denoises(source, request):
-    clean = _smooth_image() if source == "synthetic" else _mri_slice(request.getfixturevalue("shared_data"))
+    clean = _smooth_image() if source == "synthetic" else request.getfixturevalue("mri_slice")
     noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     net = BlindSpotNet(features=16, num_blocks=2)
@@ -134,6 +121,6 @@ def test_self_supervised_training_denoises(source, request):
         opt.step()
     with torch.no_grad():
         denoised = net.eval()(noisy)
-    gain = _psnr(denoised, clean) - _psnr(noisy, clean)
+    gain = psnr(denoised[0, 0], clean[0, 0]) - psnr(noisy[0, 0], clean[0, 0])
     print(f"{source}: PSNR gain {gain:.2f} dB after {time.perf_counter() - start:.1f} s of training")
     assert gain >= 2.0

@@ -1,10 +1,10 @@
 """NAFNet student: any image size, the block as specified, TorchScript equal to eager, and that it denoises."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from diffdenoise.metrics import psnr
 from diffdenoise.networks import NAFNet
 from diffdenoise.networks.nafnet import NAFBlock
 
@@ -84,22 +84,9 @@ def test_invalid_arguments_name_the_knob(kwargs, knob):
         NAFNet(**kwargs)
 
 
-def _mri_slice(shared_data) -> torch.Tensor:
-    pydicom = pytest.importorskip("pydicom")
-    path = shared_data / "brain_mri_t1_axial_studyforrest" / "series" / "N2D_0190.dcm"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    img = torch.from_numpy(pydicom.dcmread(path).pixel_array.astype(np.float32))
-    return ((img - img.min()) / (img.max() - img.min()))[None, None]
-
-
-def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return (10 * torch.log10(1 / F.mse_loss(x, ref))).item()
-
-
-def test_trained_on_a_real_slice_denoises_it(shared_data):
+def test_trained_on_a_real_slice_denoises_it(mri_slice):
     """A small NAFNet fitted to (noisy, clean) crops of one MRI slice beats its noisy input on the whole slice."""
-    clean = _mri_slice(shared_data)
+    clean = mri_slice
     noisy = clean + 15 / 255 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     net = NAFNet(width=8, enc_blocks=[1, 1], middle_blocks=1, dec_blocks=[1, 1])
@@ -115,6 +102,6 @@ def test_trained_on_a_real_slice_denoises_it(shared_data):
         opt.step()
     with torch.no_grad():
         denoised = net.eval()(noisy)
-    gain = _psnr(denoised, clean) - _psnr(noisy, clean)
+    gain = psnr(denoised[0, 0], clean[0, 0]) - psnr(noisy[0, 0], clean[0, 0])
     print(f"PSNR gain {gain:.2f} dB")
     assert gain >= 2.0
