@@ -132,9 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sizes = [int(s) for s in str(args.sizes).split(",")]
     except ValueError:
         p.error(f"--sizes takes integers separated by commas, e.g. 256,512; got {args.sizes!r}")
-    args.srds_timed_steps = args.srds_timed_steps or args.steps
-    args.srds_repeats = args.srds_repeats or args.repeats
-    args.srds_batch = args.srds_batch or args.batch
+    for srds_key, key in (("srds_timed_steps", "steps"), ("srds_repeats", "repeats"), ("srds_batch", "batch")):
+        if getattr(args, srds_key) is None:
+            setattr(args, srds_key, getattr(args, key))
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
