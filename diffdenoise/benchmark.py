@@ -8,8 +8,9 @@ matters less), or ``repeats`` (real noise: a phantom scored against the mean of 
 A *method* is one entry of ``METHODS``: ``fit(train_noisy, workdir, settings)`` returns a
 ``denoiser(noisy) -> denoised`` for one (H, W) slice in [0, 1]. Methods see the training split's noisy
 slices only (classical filters ignore them); clean slices are read only to score and draw, except by a
-method of kind ``supervised`` (the upper bound), which by definition trains on clean pairs. Later stages
-plug in as one entry each, e.g. ``METHODS["srds"] = Method("DiffDenoise SRDS", "diffdenoise", fit_srds)``.
+method of kind ``supervised`` (the upper bound), which by definition trains on clean pairs. The BSN, SRDS
+and student methods are stages of one DiffDenoise run (``diffdenoise.pipeline``), trained once per case
+and shared (``PIPELINE_METHODS``).
 
 Each finished (case, method) leaves ``OUT/cases/<case>/<method>.json`` (per-slice scores, timings and
 the settings it ran with) and ``<method>.npy`` (its output on the figure slice), written atomically: a
@@ -20,9 +21,11 @@ and ``OUT/figures/<case>.png`` are rebuilt from those files at the end of every 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import importlib.util
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -55,6 +58,7 @@ from diffdenoise.data import SPLITS, load_datalist, prepare
 from diffdenoise.errors import InputError
 from diffdenoise.metrics import psnr, ssim
 from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS
+from diffdenoise.pipeline import STAGES, stage_keys
 from diffdenoise.report import paired_best, save_visual_grid, significance_table
 from diffdenoise.stages import overlay_path, run_stage, stage_parser
 
@@ -67,7 +71,9 @@ REFERENCES = ("full", "down2", "strong", "repeats")
 STRONG_LEVELS = {"gaussian": 15 / 255, "poisson": 50.0, "gamma": 25.0, "rician": 15 / 255}
 _NOISE_NAME = re.compile(rf"^({'|'.join(NOISE_MODELS)})(?:_corr(\d+(?:\.\d+)?))?$")
 _PRESET_KEYS = {"bundle_preset", "seed", "max_test_slices", "torch_threads", "datasets", "noises", "references",
-                "methods", "method_settings", "strong_levels"}
+                "methods", "method_settings", "pipeline_settings", "method_cases", "strong_levels"}
+# methods read from one DiffDenoise pipeline run per case, so stage 1 is trained once, not three times
+PIPELINE_METHODS = ("bsn", "srds", "student")
 _CSV_COLUMNS = ("case", "dataset", "noise", "level", "correlation", "reference", "method", "kind", "slice", "psnr",
                 "ssim")
 
@@ -152,7 +158,8 @@ class FitSettings:
         dataset_dir: the prepared case (``datalist.json``); bundle stages read their training split from it.
         bundle_preset: ``configs/presets/<name>.yaml`` for bundle stages.
         seed: seeds training.
-        options: this method's knobs from the preset's ``method_settings``.
+        options: this method's knobs from the preset's ``method_settings``; for ``PIPELINE_METHODS``, the
+            bundle keys of the shared pipeline run (``pipeline_settings``).
     """
 
     case: Case
@@ -164,18 +171,19 @@ class FitSettings:
 
 @dataclass(frozen=True)
 class Method:
-    """A benchmark entry: ``fit(train_noisy, workdir, settings) -> denoiser``.
+    """A benchmark entry: ``fit(train_noisy, workdir, settings) -> denoiser`` (or a ``Fitted`` denoiser).
 
     Args:
         label: display name.
         kind: one of ``KINDS``; ``diffdenoise`` methods get a line in the report where they lose to another.
-        fit: builds the denoiser; ``workdir`` is an empty folder for checkpoints and logs.
+        fit: builds the denoiser; ``workdir`` is an empty folder for checkpoints and logs. Its wall time is
+            the method's fit cost, unless it returns a ``Fitted`` carrying the cost itself.
         requires: optional modules; a method whose module is missing is skipped with the reason reported.
     """
 
     label: str
     kind: str
-    fit: Callable[[list[np.ndarray], Path, FitSettings], Denoiser]
+    fit: Callable[[list[np.ndarray], Path, FitSettings], Denoiser | Fitted]
     requires: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -231,17 +239,27 @@ def _noise_keys(case: Case) -> dict:
     return {"noise_model": case.noise, "noise_level": case.level}
 
 
-def _fit_bsn(train_noisy, workdir, settings) -> Denoiser:
-    """Stage 1 as the bundle runs it: ``train_bsn`` on the case's training split (the same noisy slices as
-    ``train_noisy``, validated on the noisy validation split), then ``infer_bsn``'s network and the
-    stage-1 denoiser (blind estimate + posterior re-injection)."""
-    overlays = [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation)]
-    keys = {"dataset_dir": str(settings.dataset_dir), "bundle_root": str(workdir / "bundle"), "seed": settings.seed,
-            **_noise_keys(settings.case), **settings.options}
-    run_stage("train_bsn", overlays, **keys)
-    parser = stage_parser("infer_bsn", overlays, **keys)
-    parser.get_parsed_content("initialize")  # loads bsn_ckpt, fails naming the key when it is missing
-    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("bsn_denoiser")
+@dataclass(frozen=True)
+class Fitted:
+    """A denoiser with the cost of what it needed, for methods whose ``fit`` call is not that cost: methods
+    that share one pipeline run report the stages each needs (cumulative), whichever of them ran it."""
+
+    denoise: Denoiser
+    seconds: float
+    cpu_seconds: float
+
+
+def _overlays(settings: FitSettings) -> list[str]:
+    """The bundle overlays of every bundle stage of a case: the preset's sizes, the blind spot for its noise."""
+    return [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation)]
+
+
+def _bundle_denoiser(stage: str, overlays: Sequence[str], keys: Mapping[str, Any], inferer_key: str) -> Denoiser:
+    """A slice denoiser built from a stage config's ``network`` and ``inferer_key``, after its ``initialize``
+    (which loads the trained checkpoint or fails naming the missing key), so no network is redefined here."""
+    parser = stage_parser(stage, overlays, **keys)
+    parser.get_parsed_content("initialize")
+    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content(inferer_key)
     device = next(network.parameters()).device
 
     def denoise(noisy: np.ndarray) -> np.ndarray:
@@ -252,6 +270,96 @@ def _fit_bsn(train_noisy, workdir, settings) -> Denoiser:
     return denoise
 
 
+def _configs_upto(config: str) -> list[str]:
+    """The pipeline's bundle configs in order (``diffdenoise.pipeline.STAGES``), from the first to ``config``."""
+    configs = [name for stage in STAGES for name in stage.configs]
+    return configs[:configs.index(config) + 1]
+
+
+def _fitting_crop(overlays: Sequence[str], keys: Mapping[str, Any], datalist: Path) -> dict:
+    """``roi_size`` for the BSN and diffusion training when the overlays' crop exceeds the case's smallest slice
+    side (the 9x9 blind spot's 160 px crops on 192x137 down2 brain slices), else nothing: the largest square
+    that fits and stays a multiple of the BSN's pixel-shuffle stride and of the diffusion U-Net's downsampling,
+    which both trainers need (a crop cut to the slice is not square, and rotating it breaks the batch)."""
+    parser = stage_parser("train_diffusion", overlays, **keys)
+    side = min(min(np.load(item["image"], mmap_mode="r").shape)
+               for split in ("training", "validation") for item in load_datalist(datalist, split))
+    if max(parser["roi_size"]) <= side:
+        return {}
+    step = math.lcm(int(parser["bsn_pd_stride"]), 2 ** (len(parser["diffusion_channels"]) - 1))
+    if side < step:
+        raise InputError(datalist, f"slices of {side} px are smaller than one {step} px training crop")
+    return {"roi_size": [side // step * step] * 2}
+
+
+def _pipeline(settings: FitSettings, upto: str) -> tuple[dict, dict]:
+    """The case's DiffDenoise run, one per case, carried up to the bundle config ``upto``.
+
+    The configs run in ``<case>/work/pipeline`` on ``data/datalist.json`` there: the case's training and
+    validation slices, noisy only, and no test split, so no stage can read a clean slice nor spends time on
+    test slices (the benchmark denoises its scored slices itself). Config by config rather than with
+    ``run_pipeline`` (which always runs from stage 1 to a whole stage), so each method pays only for what it
+    needs: ``bsn`` the BSN's training, ``srds`` then x_c and the diffusion training, ``student`` then the SRDS
+    pseudo-targets and its own training. ``state.json`` records the overlays and keys and each finished
+    config's wall and process-CPU seconds; other keys start the run again, an interrupted config is rerun.
+
+    Returns:
+        The config keys (the run's ``dataset_dir`` and ``bundle_root`` included) and the state record.
+    """
+    root = settings.dataset_dir.parent / "work" / "pipeline"
+    overlays = _overlays(settings)
+    data = root / "data"
+    keys = {"dataset_dir": str(data), "bundle_root": str(root / "bundle"), **stage_keys(data), "seed": settings.seed,
+            **_noise_keys(settings.case), **settings.options}
+    source = settings.dataset_dir / "datalist.json"
+    keys.update(_fitting_crop(overlays, keys, source))
+    run = json.loads(json.dumps({"overlays": overlays, "keys": keys}))
+    path = root / "state.json"
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    if state.get("run") != run:
+        shutil.rmtree(root, ignore_errors=True)
+        data.mkdir(parents=True)
+        noisy = {split: [{k: v for k, v in item.items() if k != "clean"} for item in load_datalist(source, split)]
+                 for split in ("training", "validation")}
+        (data / "datalist.json").write_text(json.dumps({**noisy, "test": [], "meta": {"source": str(source)}}))
+        state = {"run": run, "seconds": {}, "cpu_seconds": {}}
+    for config in _configs_upto(upto):
+        if config in state["seconds"]:
+            continue
+        started, cpu = time.perf_counter(), time.process_time()
+        run_stage(config, overlays, **keys)
+        state["seconds"][config] = time.perf_counter() - started
+        state["cpu_seconds"][config] = time.process_time() - cpu
+        _save_atomic(path, lambda f: f.write(json.dumps(state, indent=1).encode()))
+    return keys, state
+
+
+def _fit_stage(upto: str, config: str, inferer_key: str) -> Callable:
+    """A method needing the case's pipeline run up to the config ``upto``: its fit cost is every config up to
+    it, whichever method ran them; it denoises with ``config``'s network and ``inferer_key``."""
+
+    def fit(train_noisy, workdir, settings) -> Fitted:
+        keys, state = _pipeline(settings, upto)
+        needed = _configs_upto(upto)
+        return Fitted(_bundle_denoiser(config, _overlays(settings), keys, inferer_key),
+                      sum(state["seconds"][c] for c in needed), sum(state["cpu_seconds"][c] for c in needed))
+
+    return fit
+
+
+def _fit_supervised(train_noisy, workdir, settings) -> Denoiser:
+    """The upper bound: stage 4's NAFNet trained by ``train_student`` on (noisy, clean) pairs of the case's
+    training split (validated on its clean validation pairs), then run as ``inference.yaml`` runs it."""
+    datalist = settings.dataset_dir / "datalist.json"
+    if not all("clean" in item for split in ("training", "validation") for item in load_datalist(datalist, split)):
+        raise InputError(datalist, "the supervised bound needs a clean slice for every training and validation "
+                                   "slice; delete this case's data folder to prepare it again")
+    keys = {"dataset_dir": str(settings.dataset_dir), "bundle_root": str(workdir / "bundle"), "seed": settings.seed,
+            "student_datalist_path": str(datalist), "student_target_key": "clean", **settings.options}
+    run_stage("train_student", _overlays(settings), **keys)
+    return _bundle_denoiser("inference", _overlays(settings), keys, "inferer")
+
+
 METHODS: dict[str, Method] = {
     "noisy": Method("noisy input", "input", _fit_input),
     "nlm": Method("NLM", "classical", _fit_filter(denoise_nlm)),
@@ -259,7 +367,12 @@ METHODS: dict[str, Method] = {
     "bm3d": Method("BM3D", "classical", _fit_filter(denoise_bm3d), requires=("bm3d",)),
     "noise2self": Method("Noise2Self", "self-supervised", _fit_noise2self),
     "neighbor2neighbor": Method("Neighbor2Neighbor", "self-supervised", _fit_neighbor2neighbor),
-    "bsn": Method("BSN alone (stage 1)", "self-supervised", _fit_bsn),
+    "bsn": Method("BSN alone (stage 1)", "self-supervised", _fit_stage("train_bsn", "infer_bsn", "bsn_denoiser")),
+    "srds": Method("DiffDenoise SRDS (stages 1-3)", "diffdenoise",
+                   _fit_stage("train_diffusion", "sample_srds", "srds_inferer")),
+    "student": Method("DiffDenoise student (stage 4, iteration 1)", "diffdenoise",
+                      _fit_stage("train_student", "inference", "inferer")),
+    "supervised": Method("supervised NAFNet (clean pairs)", "supervised", _fit_supervised),
 }
 
 
@@ -294,15 +407,21 @@ def load_preset(preset: str | os.PathLike, **selection) -> dict:
         selection: ``datasets``, ``noises``, ``references``, ``methods`` replacing the preset's lists (None keeps them).
 
     Raises:
+        InputError: no such preset (the message lists the shipped ones).
         ValueError: an unknown key, dataset, noise, reference or method; the message lists the choices.
     """
-    path = Path(preset) if str(preset).endswith((".yaml", ".yml")) else overlay_path(f"benchmark/{preset}")
+    shipped = overlay_path("benchmark/smoke").parent
+    path = Path(preset) if str(preset).endswith((".yaml", ".yml")) else shipped / f"{preset}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in shipped.glob("*.yaml")))
+        raise InputError(path, f"no such benchmark preset; choose {names} or a YAML file of your own")
     config = yaml.safe_load(path.read_text()) or {}
     unknown = set(config) - _PRESET_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(_PRESET_KEYS))}")
     config = {"bundle_preset": "smoke", "seed": 0, "max_test_slices": None, "torch_threads": None, "noises": [],
-              "references": ["full"], "methods": "all", "method_settings": {}, **config}
+              "references": ["full"], "methods": "all", "method_settings": {}, "pipeline_settings": {},
+              "method_cases": {}, **config}
     config.update({k: v for k, v in selection.items() if v is not None})
     config["path"] = str(path)
     config["datasets"] = _names(config.get("datasets", []), list(DATASETS), "datasets")
@@ -318,8 +437,26 @@ def load_preset(preset: str | os.PathLike, **selection) -> dict:
     stray = set(config["method_settings"]) - set(METHODS)
     if stray:
         raise ValueError(f"{path}: method_settings for unknown method(s) {sorted(stray)}; known: {', '.join(METHODS)}")
+    stray = set(config["method_cases"]) - set(METHODS)
+    if stray:
+        raise ValueError(f"{path}: method_cases for unknown method(s) {sorted(stray)}; known: {', '.join(METHODS)}")
+    for name, patterns in config["method_cases"].items():
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"{path}: method_cases.{name} must be a list of case-name patterns, e.g. ['*-down2', "
+                             f"'phantom-real'], not {patterns!r}")
+    shared = set(config["method_settings"]) & set(PIPELINE_METHODS)
+    if shared:
+        raise ValueError(f"{path}: method_settings for {sorted(shared)}: {', '.join(PIPELINE_METHODS)} share one "
+                         "pipeline run per case; put its bundle keys under pipeline_settings")
     config["strong_levels"] = {**STRONG_LEVELS, **config.get("strong_levels", {})}
     return config
+
+
+def runs_on(config: Mapping[str, Any], name: str, case: Case) -> bool:
+    """Whether a preset runs a method on a case: everywhere, unless ``method_cases`` limits it to the cases whose
+    names match one of its fnmatch patterns (how a CPU preset keeps an expensive method to the cases it can afford)."""
+    patterns = config["method_cases"].get(name)
+    return patterns is None or any(fnmatch.fnmatchcase(case.name, pattern) for pattern in patterns)
 
 
 def build_cases(config: Mapping[str, Any]) -> list[Case]:
@@ -371,10 +508,12 @@ def _prepare_repeats(dataset: Dataset, src: Path, case_dir: Path, seed: int, pro
 
     All repeats are prepared together into ``case_dir/repeats`` (one ``prepare`` call, so one slicing and
     one split of slice blocks, identical across repeats). ``case_dir/data/datalist.json`` keeps only
-    ``noisy_volume``'s slices in each split; each test slice gets ``clean`` = the mean over
+    ``noisy_volume``'s slices in each split; each slice gets ``clean`` = the mean over
     ``reference_volumes`` of the same slice position, taken in physical units (each repeat's normalisation
     inverted with its stored ``intensity_range``) and normalised with the noisy volume's range, so reference
     and input share one intensity scale. The reference still carries noise of 1/sqrt(n) of the input's.
+    Test slices are scored against it; training and validation slices have it only for the supervised bound
+    (its targets), as synthetic-noise cases have their clean slices.
     """
     repeats = case_dir / "repeats"
     if not (repeats / "datalist.json").is_file():
@@ -393,12 +532,11 @@ def _prepare_repeats(dataset: Dataset, src: Path, case_dir: Path, seed: int, pro
             for item in listing[split]:
                 if item["volume"] != dataset.noisy_volume:
                     continue
-                item = {**item, "image": f"../repeats/{item['image']}"}
-                if split == "test":
-                    item["clean"] = f"reference/{item['slice_index']:04d}.npy"
-                    physical = [_physical(repeats, volumes, v, item["slice_index"]) for v in dataset.reference_volumes]
-                    reference = np.clip((np.mean(physical, axis=0) - low) / ((high - low) or 1.0), 0.0, 1.0)
-                    np.save(tmp / item["clean"], reference.astype(np.float32))
+                item = {**item, "image": f"../repeats/{item['image']}",
+                        "clean": f"reference/{item['slice_index']:04d}.npy"}
+                physical = [_physical(repeats, volumes, v, item["slice_index"]) for v in dataset.reference_volumes]
+                reference = np.clip((np.mean(physical, axis=0) - low) / ((high - low) or 1.0), 0.0, 1.0)
+                np.save(tmp / item["clean"], reference.astype(np.float32))
                 datalist[split].append(item)
         datalist["meta"] = {
             "created_by": "diffdenoise.benchmark",
@@ -470,9 +608,11 @@ def run_method(name: str, settings: FitSettings, train: list[np.ndarray], items:
     workdir.mkdir(parents=True)
     started, cpu = time.perf_counter(), time.process_time()
     denoiser = method.fit(train, workdir, settings)
+    fit_seconds, fit_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+    if isinstance(denoiser, Fitted):
+        denoiser, fit_seconds, fit_cpu_seconds = denoiser.denoise, denoiser.seconds, denoiser.cpu_seconds
     record = {"case": settings.case.name, "method": name, "label": method.label, "kind": method.kind,
-              "fit_seconds": time.perf_counter() - started, "fit_cpu_seconds": time.process_time() - cpu,
-              "slices": [], "psnr": [], "ssim": []}
+              "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu_seconds, "slices": [], "psnr": [], "ssim": []}
     seconds = cpu_seconds = 0.0
     for item in items:
         noisy = np.load(item["image"])
@@ -539,7 +679,8 @@ def run_benchmark(
     for name, reason in skipped.items():
         logger.warning("skipping %s: %s", name, reason)
         emit({"event": "skip", "method": name, "reason": reason})
-    bar = tqdm(total=len(cases) * len(names), desc="benchmark", unit="run", disable=not progress)
+    pairs = sum(runs_on(config, name, case) for case in cases for name in names)
+    bar = tqdm(total=pairs, desc="benchmark", unit="run", disable=not progress)
     threads = torch.get_num_threads()
     torch.set_num_threads(config["torch_threads"] or threads)
     try:
@@ -570,9 +711,9 @@ def _run_case(case: Case, names: Sequence[str], config: Mapping[str, Any], data_
         emit({"event": "prepare", "case": case.name})
     items = _test_items(datalist, config["max_test_slices"])
     train = None
-    for name in names:
-        settings = FitSettings(case, datalist.parent, config["bundle_preset"], config["seed"],
-                               config["method_settings"].get(name) or {})
+    for name in [n for n in names if runs_on(config, n, case)]:
+        options = config["pipeline_settings"] if name in PIPELINE_METHODS else config["method_settings"].get(name)
+        settings = FitSettings(case, datalist.parent, config["bundle_preset"], config["seed"], options or {})
         path = case_dir / f"{name}.json"
         fingerprint = _fingerprint(settings, items)
         if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
@@ -712,6 +853,9 @@ def write_report(out: Path, cases: Sequence[Case], names: Sequence[str], skipped
                   + ".", "", significance_table(scores, labels, extra_columns=extra), "", _best_note(scores, labels)]
         loss = losses_line(scores, kinds, labels)
         lines += ["", loss] if loss else []
+        absent = [labels[n] for n in names if n not in done]
+        lines += ["", f"No result on this case (the preset's method_cases, or not run yet): {', '.join(absent)}."] \
+            if absent else []
         lines += ["", f"![{case.name}]({figure.relative_to(out).as_posix()})", ""]
     report = out / "results.md"
     report.write_text("\n".join(lines) + "\n")
@@ -734,9 +878,16 @@ def main(preset: str = "smoke", data: str = "../shared/data", out: str = "runs/b
          method=None, reference=None, progress: bool = True) -> str:
     """``diffdenoise benchmark``: run a preset's datasets x noises x methods; rerun the same OUT to resume.
 
-    Example: ``python scripts/benchmark.py --preset smoke --data ../shared/data --out runs/bench``;
-    ``--noise gaussian,poisson_corr1.2 --dataset studyforrest --method noisy,bm3d,bsn --reference full,down2``
-    narrow the preset's lists. Returns the path of ``OUT/results.md``.
+    Example: ``diffdenoise benchmark --preset smoke --data ../shared/data --out runs/bench``;
+    ``--noise gaussian,poisson_corr1.2 --dataset studyforrest --method noisy,bm3d,srds --reference full,down2``
+    narrow the preset's lists. A bad preset or selection fails before anything runs, as one ``InputError``
+    naming the preset. Returns the path of ``OUT/results.md``.
     """
+    try:
+        load_preset(preset, datasets=dataset, noises=noise, methods=method, references=reference)
+    except InputError:
+        raise
+    except ValueError as err:
+        raise InputError(preset, str(err)) from None
     return str(run_benchmark(preset, data, out, datasets=dataset, noises=noise, methods=method, references=reference,
                              progress=progress))

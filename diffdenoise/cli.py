@@ -89,6 +89,22 @@ def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = No
                               ct_window=tuple(ct_window), batch_size=batch_size))
 
 
+def benchmark(preset: str = "smoke", data: str = "../shared/data", out: str = "runs/bench", noise=None, dataset=None,
+              method=None, reference=None, progress: bool = True) -> str:
+    """Run every denoiser (baselines, BSN, DiffDenoise SRDS and student, supervised bound) on a preset's cases.
+
+    Writes OUT/results.csv, OUT/results.md (mean +- sd PSNR/SSIM, paired Wilcoxon tests) and OUT/figures;
+    rerunning the same OUT resumes. --preset smoke|cpu|paper or a YAML file; --dataset, --noise, --method,
+    --reference (comma-separated) narrow its lists. See docs/benchmark.md.
+
+    Example: diffdenoise benchmark --preset smoke --data ../shared/data --out runs/bench_smoke
+    """
+    from diffdenoise.benchmark import main as run_benchmark
+
+    return run_benchmark(preset, data, out, noise=noise, dataset=dataset, method=method, reference=reference,
+                         progress=progress)
+
+
 def _input_error(err: BaseException) -> InputError | None:
     """The InputError behind ``err``, also when a MONAI config expression wrapped it in a RuntimeError."""
     while err is not None:
@@ -101,8 +117,8 @@ def _input_error(err: BaseException) -> InputError | None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     try:
-        fire.Fire({"prepare": prepare, "stage": stage, "demo": demo, "fit": fit, "denoise": denoise}, command=argv,
-                  name="diffdenoise")
+        fire.Fire({"prepare": prepare, "stage": stage, "demo": demo, "fit": fit, "denoise": denoise,
+                   "benchmark": benchmark}, command=argv, name="diffdenoise")
     except Exception as err:  # noqa: BLE001 - only bad input is turned into a one-line message
         cause = _input_error(err)
         if cause is None:

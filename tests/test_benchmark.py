@@ -1,5 +1,5 @@
-"""The benchmark harness: the smoke preset end to end on real MRI, resume, the phantom protocol, and the paired-test
-marking on synthetic scores."""
+"""The benchmark harness: the smoke preset end to end on real MRI (every method, DiffDenoise included), resume, the
+``diffdenoise benchmark`` command, the phantom protocol, and the paired-test marking on synthetic scores."""
 
 import csv
 import json
@@ -9,9 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
+from diffdenoise import cli
 from diffdenoise.benchmark import (
     _CSV_COLUMNS,
     METHODS,
+    PIPELINE_METHODS,
     Case,
     FitSettings,
     Method,
@@ -22,11 +24,12 @@ from diffdenoise.benchmark import (
     prepare_case,
     run_benchmark,
     run_method,
+    runs_on,
 )
 from diffdenoise.data import load_datalist
 from diffdenoise.report import paired_best, significance_table
 
-CASE = "studyforrest-gaussian-full"
+CASE = "studyforrest-gaussian-down2"
 ROW = re.compile(r"^\| ([^|]+?) \| \**([\d.]+) \+- ([\d.]+)\**(?: \(n\.s\.\))? \| \**([\d.]+) \+- ([\d.]+)", re.M)
 
 
@@ -69,7 +72,9 @@ def test_report_has_one_row_per_method_with_mean_and_sd(smoke):
     section = text[text.index(f"## {CASE}"):]
     rows = {label: values for label, *values in ROW.findall(section)}
     assert set(rows) == {METHODS[name].label for name in _available()}
+    assert {"DiffDenoise SRDS (stages 1-3)", "DiffDenoise student (stage 4, iteration 1)"} <= set(rows)
     assert "noisy input" in rows and float(rows["noisy input"][0]) > 20
+    assert "DiffDenoise loses here" in section or "DiffDenoise (" in section  # the verdict line is there
     assert "Paired Wilcoxon" in section and f"figures/{CASE}.png" in section
     skipped = [name for name in METHODS if name not in _available()]
     assert all(f"skipped {name}:" in text for name in skipped)
@@ -108,11 +113,59 @@ def test_changed_settings_rerun_only_that_method(smoke, shared_data, tmp_path):
     custom = tmp_path / "custom.yaml"
     settings = {**preset["method_settings"], "noise2self": {**preset["method_settings"]["noise2self"], "iterations": 3}}
     custom.write_text(json.dumps({"bundle_preset": "smoke", "max_test_slices": 3, "datasets": ["studyforrest"],
-                                  "noises": ["gaussian"], "methods": ["noisy", "noise2self"],
+                                  "noises": ["gaussian"], "references": ["down2"], "methods": ["noisy", "noise2self"],
                                   "method_settings": settings}))
     events = []
     run_benchmark(custom, shared_data, out, progress=False, callback=events.append)
     assert [e["method"] for e in events if e["event"] == "fit"] == ["noise2self"]
+
+
+def test_diffdenoise_methods_share_one_pipeline_run_trained_on_noisy_slices_only(smoke):
+    out, _, _ = smoke
+    case_dir = out / "cases" / CASE
+    assert [p.name for p in case_dir.glob("work/**/bsn.pt")] == ["bsn.pt"]  # stage 1 trained once for 3 methods
+    state = json.loads((case_dir / "work" / "pipeline" / "state.json").read_text())
+    assert list(state["seconds"]) == ["train_bsn", "infer_bsn", "train_diffusion", "sample_srds", "train_student"]
+    pipeline_data = json.loads((case_dir / "work" / "pipeline" / "data" / "datalist.json").read_text())
+    assert pipeline_data["test"] == [] and pipeline_data["training"]
+    assert not any("clean" in item for split in ("training", "validation") for item in pipeline_data[split])
+    fit = {name: json.loads((case_dir / f"{name}.json").read_text())["fit_seconds"] for name in PIPELINE_METHODS}
+    assert fit["bsn"] == pytest.approx(state["seconds"]["train_bsn"])  # each method pays for the stages it needs
+    assert fit["bsn"] < fit["srds"] < fit["student"] == pytest.approx(sum(state["seconds"].values()))
+    assert METHODS["srds"].kind == METHODS["student"].kind == "diffdenoise"
+
+
+def test_cli_benchmark_runs_the_harness_and_resumes(smoke, shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(smoke[0], out)
+    stored = (out / "cases" / CASE / "srds.json").read_bytes()
+    assert cli.main(["benchmark", "--preset", "smoke", "--data", str(shared_data), "--out", str(out),
+                     "--method", "noisy,srds", "--progress", "False"]) == 0
+    assert (out / "cases" / CASE / "srds.json").read_bytes() == stored  # resumed, not refitted
+    text = (out / "results.md").read_text()
+    assert "DiffDenoise SRDS" in text and "| NLM |" not in text
+    assert cli.main(["benchmark", "--preset", "nosuch", "--out", str(out)]) == 2
+    assert "nosuch" in capsys.readouterr().err
+
+
+def test_pipeline_methods_take_pipeline_settings_not_method_settings(tmp_path):
+    custom = tmp_path / "custom.yaml"
+    custom.write_text(json.dumps({"datasets": ["studyforrest"], "noises": ["gaussian"],
+                                  "method_settings": {"srds": {"srds_steps": 4}}}))
+    with pytest.raises(ValueError, match="pipeline_settings"):
+        load_preset(custom)
+
+
+def test_method_cases_limit_a_method_to_matching_cases():
+    config = load_preset("cpu")
+    cases = {case.name: case for case in build_cases(config)}
+    for name in ("srds", "student", "supervised"):
+        ran = {case for case in cases if runs_on(config, name, cases[case])}
+        assert ran == {"studyforrest-gaussian-down2", "studyforrest-poisson-down2",
+                       "studyforrest-gaussian_corr1.2-down2", "phantom-real"}, name
+    assert all(runs_on(config, "bsn", case) for case in cases.values())
+    with pytest.raises(ValueError, match="list of case-name patterns"):
+        load_preset("smoke", method_cases={"srds": "*-down2"})
 
 
 def test_a_denoiser_returning_nan_stops_the_run(tmp_path, monkeypatch):
@@ -131,7 +184,7 @@ def test_phantom_reference_is_the_mean_of_other_repeats_in_the_test_volume_scale
     datalist = prepare_case(case, shared_data, tmp_path / case.name)
     splits = {s: load_datalist(datalist, s) for s in ("training", "validation", "test")}
     assert all(item["volume"] == "0126" for items in splits.values() for item in items)
-    assert "clean" not in splits["training"][0] and all("clean" in item for item in splits["test"])
+    assert all("clean" in item for items in splits.values() for item in items)  # training ones: supervised only
     train_slices = {item["slice_index"] for item in splits["training"]}
     assert not train_slices & {item["slice_index"] for item in splits["test"]}
     repeats = tmp_path / case.name / "repeats"
@@ -143,7 +196,7 @@ def test_phantom_reference_is_the_mean_of_other_repeats_in_the_test_volume_scale
         physical = low + np.load(repeats / "slices" / volume / f"{k:04d}_noisy.npy") * (high - low)
         return (physical - test_low) / (test_high - test_low)
 
-    for item in splits["test"]:
+    for item in splits["test"] + splits["training"][::8]:
         noisy, reference = np.load(item["image"]), np.load(item["clean"])
         refs = [in_test_scale(v, item["slice_index"]) for v in ("0189", "0252", "0315")]
         np.testing.assert_allclose(reference, np.clip(np.mean(refs, axis=0), 0, 1), atol=1e-6)
