@@ -1,4 +1,4 @@
-"""The ``diffdenoise`` command (fire): ``prepare``, ``stage``, ``demo``, ``denoise``.
+"""The ``diffdenoise`` command (fire): ``prepare``, ``stage``, ``demo``, ``fit``, ``denoise``, ``benchmark``.
 
 Bad input ends with one line on stderr naming the file and the problem, and exit status 2; no traceback.
 """
