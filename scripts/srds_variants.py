@@ -7,9 +7,10 @@ residual stds, or starting from the noised input at a smaller t (more of x' kept
 compared here, with the leak diagnostic (correlation of out - x_c with x' - x_c; 1 = the input's own noise
 is reproduced).
 
-Scores the centre 128 x 128 crop of every third test slice (the brain) against the clean slice.
+Scores the centre 128 x 128 crop of every third slice of a split (the brain) against the clean slice; choose
+on the validation split (the default), report on the test split.
 
-Usage: python scripts/srds_variants.py DATASET_DIR SNAPSHOT [--preset cpu] [--steps 20]
+Usage: python scripts/srds_variants.py DATASET_DIR SNAPSHOT [--split validation|test] [--preset cpu] [--steps 20]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def leak(out: torch.Tensor, noisy: torch.Tensor, x_c: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def main(dataset: str, snapshot: str, preset: str = "cpu", steps: int = 20):
+def main(dataset: str, snapshot: str, split: str = "validation", preset: str = "cpu", steps: int = 20):
     """Prints one row per variant: SRDS and single-sample PSNR, the leak, and the stage-1 references."""
     parser = stage_parser("train_diffusion", [f"presets/{preset}"], dataset_dir=dataset)
     network = parser.get_parsed_content("diffusion_def")
@@ -43,7 +44,7 @@ def main(dataset: str, snapshot: str, preset: str = "cpu", steps: int = 20):
     network.eval()
     common = {"scheduler": parser.get_parsed_content("noise_scheduler"), "num_inference_steps": steps,
               "target": parser["diffusion_target"], "residual_scale": parser["residual_scale"], "seed": 0}
-    items = load_datalist(f"{dataset}/datalist_bsn_posterior.json", "test")[::3]
+    items = load_datalist(f"{dataset}/datalist_bsn_posterior.json", split)[::3]
     rows = {name: {"srds": [], "single": [], "leak": []} for name in VARIANTS}
     reference = {"noisy": [], "x_c": [], "stage-1 denoiser": []}
     for item in items:
@@ -61,7 +62,7 @@ def main(dataset: str, snapshot: str, preset: str = "cpu", steps: int = 20):
             rows[name]["srds"].append(psnr(out[0, 0], clean))
             rows[name]["single"].append(psnr(single[0, 0], clean))
             rows[name]["leak"].append(leak(out, noisy, x_c))
-    print(f"snapshot {snapshot}, {len(items)} crops; " +
+    print(f"snapshot {snapshot}, {split} split, {len(items)} crops; " +
           ", ".join(f"{k} {np.mean(v):.2f} dB" for k, v in reference.items()))
     print("| sampler | SRDS PSNR | single sample PSNR | leak r(out - x_c, x' - x_c) |\n|---|---|---|---|")
     for name, r in rows.items():
