@@ -4,9 +4,7 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from diffdenoise.metrics import psnr
 from diffdenoise.networks import BlindSpotNet
 
 # Centre, next to the bottom-right border (H=31, W=33 are not multiples of 2; H is not one of 3) and corner.
@@ -103,24 +101,13 @@ def _smooth_image(size: int = 128) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("source", ["synthetic", "mri"])
-def test_self_supervised_training_denoises(source, request):
+def test_self_supervised_training_denoises(source, request, psnr_gain_after_training):
     clean = _smooth_image() if source == "synthetic" else request.getfixturevalue("mri_slice")
     noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     net = BlindSpotNet(features=16, num_blocks=2)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(2)
-    h, w = noisy.shape[-2:]
     start = time.perf_counter()
-    for _ in range(150):
-        ys, xs = torch.randint(0, h - 47, (4,), generator=g), torch.randint(0, w - 47, (4,), generator=g)
-        batch = torch.cat([noisy[..., y : y + 48, x : x + 48] for y, x in zip(ys.tolist(), xs.tolist())])
-        loss = F.mse_loss(net(batch), batch)  # the target is the noisy input itself
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        denoised = net.eval()(noisy)
-    gain = psnr(denoised[0, 0], clean[0, 0]) - psnr(noisy[0, 0], clean[0, 0])
+    # the target is the noisy input itself
+    gain = psnr_gain_after_training(net, torch.optim.Adam(net.parameters(), lr=2e-3), noisy, noisy, clean, 150)
     print(f"{source}: PSNR gain {gain:.2f} dB after {time.perf_counter() - start:.1f} s of training")
     assert gain >= 2.0
