@@ -35,6 +35,19 @@ def ssim(pred, reference) -> float:
     return float(_ssim(_as_batch(pred), _as_batch(reference)).item())
 
 
+def noise_leak(output, noisy, reference) -> float:
+    """Pearson correlation of (output - reference) with (noisy - reference), arrays or tensors.
+
+    The standing diagnostic of the diffusion stage: with ``reference`` = x_c it asks whether the output
+    regenerates the input's own noise (near 1) instead of removing it (near 0); with the clean image it
+    measures the same against the true noise.
+    """
+    a = np.asarray(output, dtype=np.float64).ravel() - np.asarray(reference, dtype=np.float64).ravel()
+    b = np.asarray(noisy, dtype=np.float64).ravel() - np.asarray(reference, dtype=np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b) + 1e-20))
+
+
 def score_datalist(
     datalist_path: str | os.PathLike, keys: Sequence[str], split: str = "test", reference: str = "clean"
 ) -> dict[str, dict[str, np.ndarray]]:

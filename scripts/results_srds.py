@@ -32,7 +32,8 @@ import torch
 from ignite.engine import Events
 
 from diffdenoise.data import load_datalist
-from diffdenoise.metrics import psnr, ssim
+from diffdenoise.inferers import SRDSInferer
+from diffdenoise.metrics import noise_leak, psnr, ssim
 from diffdenoise.stages import stage_parser
 
 METHODS = ("noisy", "bsn", "bsn_posterior", "single", "independent", "srds", "srds_k4")
@@ -42,12 +43,6 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     """The centre ``size`` x ``size`` pixels (the whole axis when it is shorter)."""
     top, left = max((image.shape[0] - size) // 2, 0), max((image.shape[1] - size) // 2, 0)
     return image[top:top + size, left:left + size]
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two residual images."""
-    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
-    return float(a @ b / np.sqrt((a @ a) * (b @ b) + 1e-20))
 
 
 def train_with_snapshots(parser, out: Path, every: int) -> list[Path]:
@@ -74,8 +69,6 @@ def score_snapshot(parser, snapshot: Path, items: list[dict], crop: int, steps: 
     scheduler = parser.get_parsed_content("noise_scheduler")
     common = {"scheduler": scheduler, "num_inference_steps": steps, "target": parser["diffusion_target"],
               "residual_scale": parser["residual_scale"], "seed": 0}
-    from diffdenoise.inferers import SRDSInferer
-
     samplers = {"srds": SRDSInferer(**common), "independent": SRDSInferer(**common, symmetric=False),
                 "srds_k4": SRDSInferer(**common, num_pairs=4)}
     single = SRDSInferer(**common)
@@ -104,8 +97,8 @@ def score_snapshot(parser, snapshot: Path, items: list[dict], crop: int, steps: 
                 result[name]["psnr"].append(psnr(out, clean))
                 result[name]["ssim"].append(ssim(out, clean))
         for name in ("srds", "single"):
-            result["leak"][f"{name}_vs_input_residual"].append(correlation(outputs[name] - x_c, noisy - x_c))
-            result["leak"][f"{name}_vs_true_noise"].append(correlation(outputs[name] - clean, noisy - clean))
+            result["leak"][f"{name}_vs_input_residual"].append(noise_leak(outputs[name], noisy, x_c))
+            result["leak"][f"{name}_vs_true_noise"].append(noise_leak(outputs[name], noisy, clean))
     result = {k: v for k, v in result.items() if k == "leak" or v["psnr"]}
     result["srds_seconds_per_slice"] = float(np.mean(seconds))
     return result

@@ -21,19 +21,12 @@ import torch
 
 from diffdenoise.data import load_datalist
 from diffdenoise.inferers import SRDSInferer
-from diffdenoise.metrics import psnr
+from diffdenoise.metrics import noise_leak, psnr
 from diffdenoise.stages import stage_parser
 
 VARIANTS = {"pure noise": {}, "pure noise, x0 clamped to +-4": {"clip_x0": (-4.0, 4.0)},
             "pure noise, x0 clamped to +-2": {"clip_x0": (-2.0, 2.0)}, "start t=500": {"start_timestep": 500},
             "start t=200": {"start_timestep": 200}, "start t=100": {"start_timestep": 100}}
-
-
-def leak(out: torch.Tensor, noisy: torch.Tensor, x_c: torch.Tensor) -> float:
-    """Correlation of the output's residual with the input's residual, both against x_c."""
-    a, b = (out - x_c).flatten(), (noisy - x_c).flatten()
-    a, b = a - a.mean(), b - b.mean()
-    return float(a @ b / (a.norm() * b.norm()))
 
 
 def main(dataset: str, snapshot: str, split: str = "validation", preset: str = "cpu", steps: int = 20):
@@ -61,7 +54,7 @@ def main(dataset: str, snapshot: str, split: str = "validation", preset: str = "
                 single = sampler.sample(noisy, network, x_c, eps)
             rows[name]["srds"].append(psnr(out[0, 0], clean))
             rows[name]["single"].append(psnr(single[0, 0], clean))
-            rows[name]["leak"].append(leak(out, noisy, x_c))
+            rows[name]["leak"].append(noise_leak(out, noisy, x_c))
     print(f"snapshot {snapshot}, {split} split, {len(items)} crops; " +
           ", ".join(f"{k} {np.mean(v):.2f} dB" for k, v in reference.items()))
     print("| sampler | SRDS PSNR | single sample PSNR | leak r(out - x_c, x' - x_c) |\n|---|---|---|---|")
