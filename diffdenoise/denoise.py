@@ -54,17 +54,17 @@ MIN_SLICE_SIZE = 16  # pixels per side: below this a blind-spot net has almost n
 class Mode(NamedTuple):
     """Where a denoising mode's model lives in a bundle."""
 
-    checkpoint: str  # file under DIR/models
+    checkpoint_key: str  # config key of the weights file (a later iteration's bundle names another file)
     network_key: str  # config key of the network definition
     inferer_key: str  # config key of the inferer, called as inferer(inputs, network)
-    configs: tuple[str, ...]  # files under DIR/configs that define both keys, in merge order
+    configs: tuple[str, ...]  # files under DIR/configs that define these keys, in merge order
     trained_by: str  # the stage that writes the checkpoint, for the error when it is missing
 
 
 MODES = {
-    "bsn": Mode("bsn.pt", "bsn_def", "bsn_denoiser", ("common.yaml",), "stage 1"),
-    "student": Mode("model.pt", "network_def", "inferer", ("common.yaml", "inference.yaml"), "stage 4"),
-    "srds": Mode("diffusion.pt", "diffusion_def", "srds_inferer", ("common.yaml", "sample_srds.yaml"), "stage 2"),
+    "bsn": Mode("bsn_ckpt", "bsn_def", "bsn_denoiser", ("common.yaml",), "stage 1"),
+    "student": Mode("student_ckpt", "network_def", "inferer", ("common.yaml", "inference.yaml"), "stage 4"),
+    "srds": Mode("diffusion_ckpt", "diffusion_def", "srds_inferer", ("common.yaml", "sample_srds.yaml"), "stage 2"),
 }
 
 
@@ -104,7 +104,7 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
     Args:
         bundle: folder with ``configs/common.yaml`` and ``models/*.pt``; None is the shipped
             ``bundles/diffdenoise``.
-        mode: a key of ``MODES``; None picks "student" when ``models/model.pt`` exists, else "bsn".
+        mode: a key of ``MODES``; None picks "student" when its checkpoint (``student_ckpt``) exists, else "bsn".
         device: "cpu", "cuda" or "cuda:N"; None picks cuda when available.
         config: overlays merged after the bundle's configs, as in training: YAML/JSON paths or shipped
             overlay names (``presets/cpu``). Pass the ones the model was trained with, since they set
@@ -119,25 +119,17 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
         problem = "not a bundle: no configs/common.yaml; --bundle needs a folder with configs/*.yaml and models/*.pt"
         raise InputError(bundle, problem)
     if mode is None:
-        mode = "student" if (bundle / "models" / MODES["student"].checkpoint).is_file() else "bsn"
+        mode = "student" if _checkpoint(bundle, "student", config).is_file() else "bsn"
     if mode not in MODES:
         raise InputError("--mode", f"{mode!r} is not one of {', '.join(MODES)}")
     spec = MODES[mode]
-    checkpoint = bundle / "models" / spec.checkpoint
+    checkpoint = _checkpoint(bundle, mode, config)
     if not checkpoint.is_file():
-        raise InputError(bundle, f"mode '{mode}' needs models/{spec.checkpoint} (train {spec.trained_by} first)")
-    device = resolve_device(device)
+        where = checkpoint.relative_to(bundle) if checkpoint.is_relative_to(bundle) else checkpoint
+        raise InputError(bundle, f"mode '{mode}' needs {where} (train {spec.trained_by} first)")
     files = [bundle / "configs" / name for name in spec.configs] + [_config_file(c) for c in config]
-    for path in files:
-        if not path.is_file():
-            raise InputError(path, f"no such config file; mode '{mode}' reads it")
-        try:
-            ConfigParser.load_config_file(path)
-        except Exception as exc:
-            raise InputError(path, f"cannot parse the config ({one_line(exc)})") from exc
-    parser = ConfigParser()
-    parser.read_config([str(path) for path in files])
-    parser["bundle_root"] = str(bundle)
+    parser = _read_configs(bundle, files, mode)
+    device = resolve_device(device)
     names = ", ".join(path.name for path in files)
     try:
         network = parser.get_parsed_content(spec.network_key)
@@ -158,6 +150,44 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
     network = network.to(device).eval()
     configs = [str(path.resolve()) for path in files]
     return Model(mode, network, inferer, device, checkpoint.resolve(), file_sha256(checkpoint), configs)
+
+
+def _read_configs(bundle: Path, files: Sequence[Path], mode: str) -> ConfigParser:
+    """``files`` merged in order, with bundle_root = ``bundle``.
+
+    Raises:
+        InputError: a file is missing or does not parse.
+    """
+    for path in files:
+        if not path.is_file():
+            raise InputError(path, f"no such config file; mode '{mode}' reads it")
+        try:
+            ConfigParser.load_config_file(path)
+        except Exception as exc:
+            raise InputError(path, f"cannot parse the config ({one_line(exc)})") from exc
+    parser = ConfigParser()
+    parser.read_config([str(path) for path in files])
+    parser["bundle_root"] = str(bundle)
+    return parser
+
+
+def _checkpoint(bundle: Path, mode: str, config: Sequence[str]) -> Path:
+    """The weights file that a mode's configs name (``student_ckpt``: ``models/model.pt``, or the last iteration's).
+
+    The mode's own config may be missing here (a bundle trained only up to stage 1): ``common.yaml`` names
+    every stage's default checkpoint, so the error can say which stage to train.
+
+    Raises:
+        InputError: a user overlay is missing or unparsable, or the configs cannot resolve the key.
+    """
+    spec = MODES[mode]
+    present = [bundle / "configs" / name for name in spec.configs if (bundle / "configs" / name).is_file()]
+    parser = _read_configs(bundle, present + [_config_file(c) for c in config], mode)
+    try:
+        return Path(parser.get_parsed_content(spec.checkpoint_key))
+    except Exception as exc:
+        raise InputError(bundle / "configs", f"the configs do not name `{spec.checkpoint_key}` ({one_line(exc)})") \
+            from exc
 
 
 def denoise_volume(
