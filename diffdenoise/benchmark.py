@@ -58,7 +58,7 @@ from diffdenoise.data import SPLITS, load_datalist, prepare
 from diffdenoise.errors import InputError
 from diffdenoise.metrics import psnr, ssim
 from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS
-from diffdenoise.pipeline import STAGES, stage_keys
+from diffdenoise.pipeline import Step, pipeline_steps, stage_keys
 from diffdenoise.report import paired_best, save_visual_grid, significance_table
 from diffdenoise.stages import overlay_path, run_stage, stage_parser
 
@@ -73,7 +73,9 @@ _NOISE_NAME = re.compile(rf"^({'|'.join(NOISE_MODELS)})(?:_corr(\d+(?:\.\d+)?))?
 _PRESET_KEYS = {"bundle_preset", "seed", "max_test_slices", "torch_threads", "datasets", "noises", "references",
                 "methods", "method_settings", "pipeline_settings", "method_cases", "strong_levels"}
 # methods read from one DiffDenoise pipeline run per case, so stage 1 is trained once, not three times
-PIPELINE_METHODS = ("bsn", "srds", "student")
+PIPELINE_METHODS = ("bsn", "srds", "student", "student_iter2", "student_iter3")
+# the student iterations the benchmark offers (paper Table 4)
+ITERATIONS = 3
 _CSV_COLUMNS = ("case", "dataset", "noise", "level", "correlation", "reference", "method", "kind", "slice", "psnr",
                 "ssim")
 
@@ -270,10 +272,10 @@ def _bundle_denoiser(stage: str, overlays: Sequence[str], keys: Mapping[str, Any
     return denoise
 
 
-def _configs_upto(config: str) -> list[str]:
-    """The pipeline's bundle configs in order (``diffdenoise.pipeline.STAGES``), from the first to ``config``."""
-    configs = [name for stage in STAGES for name in stage.configs]
-    return configs[:configs.index(config) + 1]
+def _steps_upto(data: Path, name: str) -> list[Step]:
+    """The pipeline's config runs in order (``diffdenoise.pipeline.pipeline_steps``), from the first to ``name``."""
+    steps = pipeline_steps(data, ITERATIONS)
+    return steps[:[step.name for step in steps].index(name) + 1]
 
 
 def _fitting_crop(overlays: Sequence[str], keys: Mapping[str, Any], datalist: Path) -> dict:
@@ -293,15 +295,17 @@ def _fitting_crop(overlays: Sequence[str], keys: Mapping[str, Any], datalist: Pa
 
 
 def _pipeline(settings: FitSettings, upto: str) -> tuple[dict, dict]:
-    """The case's DiffDenoise run, one per case, carried up to the bundle config ``upto``.
+    """The case's DiffDenoise run, one per case, carried up to the step ``upto`` (a ``Step.name``).
 
     The configs run in ``<case>/work/pipeline`` on ``data/datalist.json`` there: the case's training and
     validation slices, noisy only, and no test split, so no stage can read a clean slice nor spends time on
-    test slices (the benchmark denoises its scored slices itself). Config by config rather than with
+    test slices (the benchmark denoises its scored slices itself). Step by step rather than with
     ``run_pipeline`` (which always runs from stage 1 to a whole stage), so each method pays only for what it
     needs: ``bsn`` the BSN's training, ``srds`` then x_c and the diffusion training, ``student`` then the SRDS
-    pseudo-targets and its own training. ``state.json`` records the overlays and keys and each finished
-    config's wall and process-CPU seconds; other keys start the run again, an interrupted config is rerun.
+    pseudo-targets and its own training, ``student_iter<k>`` then iterations 2..k (the previous student over
+    the slices, a fine-tuned diffusion model, new targets, a new student). ``state.json`` records the
+    overlays and keys and each finished step's wall and process-CPU seconds; other keys start the run again,
+    an interrupted step is rerun.
 
     Returns:
         The config keys (the run's ``dataset_dir`` and ``bundle_root`` included) and the state record.
@@ -323,26 +327,29 @@ def _pipeline(settings: FitSettings, upto: str) -> tuple[dict, dict]:
                  for split in ("training", "validation")}
         (data / "datalist.json").write_text(json.dumps({**noisy, "test": [], "meta": {"source": str(source)}}))
         state = {"run": run, "seconds": {}, "cpu_seconds": {}}
-    for config in _configs_upto(upto):
-        if config in state["seconds"]:
+    for step in _steps_upto(data, upto):
+        if step.name in state["seconds"]:
             continue
         started, cpu = time.perf_counter(), time.process_time()
-        run_stage(config, overlays, **keys)
-        state["seconds"][config] = time.perf_counter() - started
-        state["cpu_seconds"][config] = time.process_time() - cpu
+        run_stage(step.config, [*overlays, *step.overlays], **{**keys, **step.keys})
+        state["seconds"][step.name] = time.perf_counter() - started
+        state["cpu_seconds"][step.name] = time.process_time() - cpu
         _save_atomic(path, lambda f: f.write(json.dumps(state, indent=1).encode()))
     return keys, state
 
 
-def _fit_stage(upto: str, config: str, inferer_key: str) -> Callable:
-    """A method needing the case's pipeline run up to the config ``upto``: its fit cost is every config up to
-    it, whichever method ran them; it denoises with ``config``'s network and ``inferer_key``."""
+def _fit_stage(upto: str, denoiser: str, inferer_key: str) -> Callable:
+    """A method needing the case's pipeline run up to the step ``upto``: its fit cost is every step up to it,
+    whichever method ran them; it denoises with the network and ``inferer_key`` of the step ``denoiser``'s
+    config (``Step.name``: a config, ``@<k>`` for iteration k)."""
 
     def fit(train_noisy, workdir, settings) -> Fitted:
         keys, state = _pipeline(settings, upto)
-        needed = _configs_upto(upto)
-        return Fitted(_bundle_denoiser(config, _overlays(settings), keys, inferer_key),
-                      sum(state["seconds"][c] for c in needed), sum(state["cpu_seconds"][c] for c in needed))
+        needed = [step.name for step in _steps_upto(Path(keys["dataset_dir"]), upto)]
+        step = _steps_upto(Path(keys["dataset_dir"]), denoiser)[-1]
+        return Fitted(_bundle_denoiser(step.config, [*_overlays(settings), *step.overlays], {**keys, **step.keys},
+                                       inferer_key),
+                      sum(state["seconds"][n] for n in needed), sum(state["cpu_seconds"][n] for n in needed))
 
     return fit
 
@@ -372,6 +379,10 @@ METHODS: dict[str, Method] = {
                    _fit_stage("train_diffusion", "sample_srds", "srds_inferer")),
     "student": Method("DiffDenoise student (stage 4, iteration 1)", "diffdenoise",
                       _fit_stage("train_student", "inference", "inferer")),
+    "student_iter2": Method("DiffDenoise student, iteration 2", "diffdenoise",
+                            _fit_stage("train_student@2", "inference@2", "inferer")),
+    "student_iter3": Method("DiffDenoise student, iteration 3", "diffdenoise",
+                            _fit_stage("train_student@3", "inference@3", "inferer")),
     "supervised": Method("supervised NAFNet (clean pairs)", "supervised", _fit_supervised),
 }
 

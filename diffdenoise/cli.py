@@ -54,7 +54,7 @@ def demo(out: str = "diffdenoise_demo", preset: str = "demo", noise: str = "gaus
 
 
 def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modality: str | None = None, seed: int = 0,
-        overwrite: bool = False, **overrides) -> str:
+        iterations: int = 1, overwrite: bool = False, **overrides) -> str:
     """Train every stage on noisy scans (no clean images) and leave a finished bundle in RUN_DIR.
 
     Example: ``diffdenoise fit scans/ runs/my_bundle --preset cpu``, then
@@ -65,7 +65,7 @@ def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modal
 
     overlays = (overlays,) if isinstance(overlays, str) else tuple(overlays)
     return str(fit_bundle(src, run_dir, preset=preset, overlays=overlays, modality=modality, seed=seed,
-                          overwrite=overwrite, **overrides))
+                          iterations=iterations, overwrite=overwrite, **overrides))
 
 
 def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = None, device: str | None = None,

@@ -9,6 +9,8 @@ last stage and the export are done, so RUN_DIR is either a finished bundle or ab
     RUN_DIR/configs/common.yaml    the merged shared keys (what ``diffdenoise denoise --bundle`` reads first)
     RUN_DIR/configs/metadata.json, RUN_DIR/LICENSE
     RUN_DIR/models/{bsn,diffusion,model}.pt, RUN_DIR/models/model.ts (the student, TorchScript)
+    RUN_DIR/models/{diffusion,model}_iter<k>.pt   with --iterations N > 1: each later iteration's networks;
+                                   the stage configs and model.ts are then the last iteration's
     RUN_DIR/data/                  the prepared slices and every stage's outputs (pseudo-targets included)
 """
 
@@ -21,8 +23,9 @@ from typing import Sequence
 from monai.bundle import ConfigParser, ckpt_export
 
 from diffdenoise.data import prepare
+from diffdenoise.errors import InputError
 from diffdenoise.io import atomic_folder, check_output_folder
-from diffdenoise.pipeline import STAGES, run_pipeline, stage_keys
+from diffdenoise.pipeline import ITERATED, ITERATION_OVERLAY, STAGES, iteration_suffix, run_pipeline, stage_keys
 from diffdenoise.stages import bundle_dir, stage_config_files
 
 # configs a finished bundle carries, beyond those STAGES run
@@ -30,7 +33,7 @@ _EXTRA_CONFIGS = ("infer_bsn",)
 
 
 def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modality: str | None = None,
-        seed: int = 0, overwrite: bool = False, **overrides) -> Path:
+        seed: int = 0, iterations: int = 1, overwrite: bool = False, **overrides) -> Path:
     """Prepares ``src`` (already noisy), trains and runs every stage, exports the student; returns RUN_DIR.
 
     Args:
@@ -40,6 +43,8 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
         overlays: more overlays after the preset, e.g. ``["noise/correlated"]`` for correlated noise.
         modality: "mri", "ct", "xray" or "other" (CT is windowed in HU); None detects it.
         seed: fixes the splits and the training.
+        iterations: rounds of stages 2-4 (paper Table 4); each after the first is conditioned on the previous
+            student, and the bundle ships the last student.
         overwrite: replace an existing RUN_DIR.
         overrides: any config key, e.g. ``max_epochs=30`` (applied to every stage).
 
@@ -47,30 +52,36 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
         InputError: unusable input or an output folder that would clobber something (before any work).
     """
     run_dir = Path(run_dir).absolute()
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise InputError("--iterations", f"must be a whole number >= 1, got {iterations!r}")
     check_output_folder(run_dir, src, overwrite)
     overlays = [f"presets/{preset}", *overlays]
     with atomic_folder(run_dir, overwrite) as work:
         prepare(src, work / "data", modality=modality, seed=seed)
-        run_pipeline(work / "data", work, overlays, seed=seed, **overrides)
-        _write_configs(work, run_dir, overlays, {"seed": seed, **overrides})
-        ckpt_export(net_id="network_def", filepath=str(work / "models" / "model.ts"),
-                    ckpt_file=str(work / "models" / "model.pt"), meta_file=str(work / "configs" / "metadata.json"),
+        run_pipeline(work / "data", work, overlays, iterations=iterations, seed=seed, **overrides)
+        _write_configs(work, run_dir, overlays, {"seed": seed, **overrides}, iterations)
+        student = work / "models" / f"model{iteration_suffix(iterations)}.pt"
+        ckpt_export(net_id="network_def", filepath=str(work / "models" / "model.ts"), ckpt_file=str(student),
+                    meta_file=str(work / "configs" / "metadata.json"),
                     config_file=[str(work / "configs" / "inference.yaml")], bundle_root=str(work))
     return run_dir
 
 
-def _write_configs(work: Path, run_dir: Path, overlays: Sequence[str], overrides: dict) -> None:
-    """One merged config per stage, pointing at the final RUN_DIR, plus metadata and licence."""
+def _write_configs(work: Path, run_dir: Path, overlays: Sequence[str], overrides: dict, iterations: int) -> None:
+    """One merged config per stage, pointing at the final RUN_DIR (the last iteration's for iterated stages),
+    plus metadata and licence."""
     configs = work / "configs"
     configs.mkdir()
-    keys = {"bundle_root": str(run_dir), "dataset_dir": str(run_dir / "data"), **stage_keys(run_dir / "data"),
-            **overrides}
-    names = ["common", *_EXTRA_CONFIGS, *(c for s in STAGES for c in s.configs)]
-    for name in names:
-        files = stage_config_files(name, overlays)
+    data = run_dir / "data"
+    keys = {"bundle_root": str(run_dir), "dataset_dir": str(data), **stage_keys(data), **overrides}
+    last = {"bundle_root": str(run_dir), "dataset_dir": str(data), **stage_keys(data, iterations), **overrides}
+    for name, stage in [("common", None), *((c, None) for c in _EXTRA_CONFIGS),
+                        *((c, s.name) for s in STAGES for c in s.configs)]:
+        later = iterations > 1 and stage in ITERATED
+        files = stage_config_files(name, [*overlays, *([ITERATION_OVERLAY] if later else [])])
         parser = ConfigParser()
         parser.read_config(files[1:] if name == "common" else files)  # common.yaml is files[0]
-        parser.update(keys)
+        parser.update(last if later else keys)
         ConfigParser.export_config_file(parser.get(), str(configs / f"{name}.yaml"), fmt="yaml", sort_keys=False)
     shutil.copy(bundle_dir() / "configs" / "metadata.json", configs / "metadata.json")
     shutil.copy(bundle_dir() / "LICENSE", work / "LICENSE")

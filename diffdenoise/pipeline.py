@@ -9,7 +9,13 @@ exists, and every stage's output side by side:
                   -> train_diffusion, sample_srds -> datalist_srds.json (+ SRDS: the pseudo-targets)
                   -> train_student, inference -> datalist_student.json (+ the distilled student)
 
-The demo, ``diffdenoise fit`` and the benchmark run it; ``STAGES`` names what each step adds.
+Iterations 2, 3, ... (paper Table 4) repeat stages 2-4 with ``configs/iteration.yaml``: the previous student's
+output is the new condition, and each iteration's keys and checkpoints carry the suffix ``_iter<k>``:
+
+                  -> train_diffusion, sample_srds (condition: student) -> datalist_srds_iter2.json
+                  -> train_student, inference -> datalist_student_iter2.json -> ... iteration 3
+
+The demo, ``diffdenoise fit`` and the benchmark run it (``pipeline_steps``); ``STAGES`` names what each stage adds.
 """
 
 from __future__ import annotations
@@ -40,38 +46,85 @@ STAGES = (
     Stage("student", ("train_student", "inference"), ("student",), ("student (stage 4)",)),
 )
 LABELS = {"image": "noisy input", **{k: label for s in STAGES for k, label in zip(s.outputs, s.labels)}}
+# the stages an iteration > 1 repeats, and the overlay that chains them to the previous iteration
+ITERATED = ("srds", "student")
+ITERATION_OVERLAY = "iteration"
 
 
-def stage_keys(dataset_dir: Path) -> dict[str, str]:
-    """Config keys that chain the datalists: each stage reads the one its predecessor wrote."""
-    return {"student_datalist_path": str(dataset_dir / "datalist_srds.json"),
-            "inference_datalist_path": str(dataset_dir / "datalist_srds.json")}
+class Step(NamedTuple):
+    """One bundle config run: ``name`` is the config, with ``@<k>`` in iterations k > 1 (``train_student@3``)."""
+
+    name: str
+    stage: str
+    config: str
+    overlays: tuple[str, ...]  # added after the caller's overlays
+    keys: dict  # added after the caller's keys
+
+
+def iteration_suffix(iteration: int) -> str:
+    """What iteration ``k`` appends to its output keys and checkpoints: '' for 1, '_iter<k>' after."""
+    return "" if iteration == 1 else f"_iter{iteration}"
+
+
+def output_label(key: str) -> str | None:
+    """The report label of a slice key (``student_iter3`` -> 'student (stage 4), iteration 3'); None for others."""
+    base, _, iteration = key.partition("_iter")
+    if base not in LABELS or (iteration and not iteration.isdigit()):
+        return None
+    return LABELS[base] + (f", iteration {iteration}" if iteration else "")
+
+
+def stage_keys(dataset_dir: Path, iteration: int = 1) -> dict:
+    """Config keys that chain the datalists: each stage reads the one its predecessor wrote.
+
+    Iteration 1 needs only the student's datalists; a later one adds ``iteration`` for its overlay, and
+    restates the student's datalists as the overlay names them, since these keys override the overlay."""
+    targets = str(Path(dataset_dir) / f"datalist_srds{iteration_suffix(iteration)}.json")
+    keys = {"student_datalist_path": targets, "inference_datalist_path": targets}
+    return keys if iteration == 1 else {"iteration": iteration, **keys}
+
+
+def pipeline_steps(dataset_dir: Path, iterations: int = 1) -> list[Step]:
+    """Every config run of a pipeline with ``iterations`` rounds of stages 2-4, in order."""
+    if int(iterations) != iterations or iterations < 1:
+        raise ValueError(f"iterations must be a whole number >= 1, got {iterations!r}")
+    steps = [Step(config, stage.name, config, (), {}) for stage in STAGES for config in stage.configs]
+    for k in range(2, int(iterations) + 1):
+        keys = stage_keys(dataset_dir, k)
+        steps += [Step(f"{config}@{k}", stage.name, config, (ITERATION_OVERLAY,), keys)
+                  for stage in STAGES if stage.name in ITERATED for config in stage.configs]
+    return steps
 
 
 def run_pipeline(dataset_dir, bundle_root, overlays: Sequence[str], stop_after: str | None = None,
-                 **overrides) -> tuple[Path, dict[str, float]]:
+                 iterations: int = 1, **overrides) -> tuple[Path, dict[str, float]]:
     """Runs the stages in order (up to ``stop_after``, a ``Stage.name``) on a prepared dataset.
 
     Args:
         dataset_dir: a folder written by ``diffdenoise prepare``.
         bundle_root: where checkpoints (``models/``) and logs go.
         overlays: preset/noise overlays merged after each stage's configs, e.g. ``["presets/cpu"]``.
-        stop_after: the last stage to run; None runs all.
+        stop_after: the last stage to run (of iteration 1); None runs all.
+        iterations: rounds of stages 2-4; each after the first is conditioned on the previous student.
         overrides: config keys for every stage, e.g. ``seed=0``.
 
     Returns:
-        The last datalist written and the seconds each stage took.
+        The last datalist written and the seconds each stage took (``srds``, ..., ``srds@2``, ...).
     """
     dataset_dir = Path(dataset_dir)
     keys = {"dataset_dir": str(dataset_dir), "bundle_root": str(bundle_root), **stage_keys(dataset_dir), **overrides}
-    datalist, seconds = dataset_dir / "datalist.json", {}
-    for stage in STAGES:
+    steps = pipeline_steps(dataset_dir, iterations)
+    if stop_after is not None:
+        last = max(i for i, step in enumerate(steps) if step.stage == stop_after and "@" not in step.name)
+        steps = steps[:last + 1]
+    seconds: dict[str, float] = {}
+    for step in steps:
+        logger.info("stage %s: %s", step.stage, step.name)
         started = time.perf_counter()
-        for config in stage.configs:
-            logger.info("stage %s: %s", stage.name, config)
-            run_stage(config, overlays, **keys)
-        seconds[stage.name] = time.perf_counter() - started
-        datalist = dataset_dir / f"datalist_{stage.outputs[-1]}.json"
-        if stage.name == stop_after:
-            break
-    return datalist, seconds
+        run_stage(step.config, [*overlays, *step.overlays], **{**keys, **step.keys})
+        iteration = step.keys.get("iteration", 1)
+        timed = step.stage if iteration == 1 else f"{step.stage}@{iteration}"
+        seconds[timed] = seconds.get(timed, 0.0) + time.perf_counter() - started
+    last = steps[-1]
+    output = next(stage for stage in STAGES if stage.name == last.stage).outputs[-1]
+    return dataset_dir / f"datalist_{output}{iteration_suffix(last.keys.get('iteration', 1))}.json", seconds

@@ -125,14 +125,23 @@ def test_diffdenoise_methods_share_one_pipeline_run_trained_on_noisy_slices_only
     case_dir = out / "cases" / CASE
     assert [p.name for p in case_dir.glob("work/**/bsn.pt")] == ["bsn.pt"]  # stage 1 trained once for 3 methods
     state = json.loads((case_dir / "work" / "pipeline" / "state.json").read_text())
-    assert list(state["seconds"]) == ["train_bsn", "infer_bsn", "train_diffusion", "sample_srds", "train_student"]
+    iterated = [f"{config}@{k}" for k in (2, 3) for config in ("train_diffusion", "sample_srds", "train_student")]
+    assert list(state["seconds"]) == ["train_bsn", "infer_bsn", "train_diffusion", "sample_srds", "train_student",
+                                      "inference", *iterated[:3], "inference@2", *iterated[3:]]
     pipeline_data = json.loads((case_dir / "work" / "pipeline" / "data" / "datalist.json").read_text())
     assert pipeline_data["test"] == [] and pipeline_data["training"]
     assert not any("clean" in item for split in ("training", "validation") for item in pipeline_data[split])
     fit = {name: json.loads((case_dir / f"{name}.json").read_text())["fit_seconds"] for name in PIPELINE_METHODS}
     assert fit["bsn"] == pytest.approx(state["seconds"]["train_bsn"])  # each method pays for the stages it needs
-    assert fit["bsn"] < fit["srds"] < fit["student"] == pytest.approx(sum(state["seconds"].values()))
-    assert METHODS["srds"].kind == METHODS["student"].kind == "diffdenoise"
+    assert fit["bsn"] < fit["srds"] < fit["student"] < fit["student_iter2"] < fit["student_iter3"]
+    assert fit["student_iter3"] == pytest.approx(sum(state["seconds"].values()))
+    # iterations 2 and 3: the previous student is the condition; each iteration keeps its own networks
+    models = case_dir / "work" / "pipeline" / "bundle" / "models"
+    assert {p.name for p in models.glob("*.pt")} >= {f"{net}{s}.pt" for net in ("diffusion", "model")
+                                                      for s in ("", "_iter2", "_iter3")}
+    item = json.loads((case_dir / "work" / "pipeline" / "data" / "datalist_srds_iter3.json").read_text())["training"][0]
+    assert {"bsn", "srds", "student", "srds_iter2", "student_iter2", "srds_iter3"} <= set(item)
+    assert all(METHODS[name].kind == "diffdenoise" for name in PIPELINE_METHODS if name != "bsn")
 
 
 def test_cli_benchmark_runs_the_harness_and_resumes(smoke, shared_data, tmp_path, capsys):
@@ -159,7 +168,7 @@ def test_pipeline_methods_take_pipeline_settings_not_method_settings(tmp_path):
 def test_method_cases_limit_a_method_to_matching_cases():
     config = load_preset("cpu")
     cases = {case.name: case for case in build_cases(config)}
-    for name in ("srds", "student", "supervised"):
+    for name in ("srds", "student", "student_iter2", "student_iter3", "supervised"):
         ran = {case for case in cases if runs_on(config, name, cases[case])}
         assert ran == {"studyforrest-gaussian-down2", "studyforrest-poisson-down2",
                        "studyforrest-gaussian_corr1.2-down2", "phantom-real"}, name

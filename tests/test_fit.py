@@ -9,33 +9,54 @@ import numpy as np
 import pydicom
 import torch
 
+from monai.bundle import ConfigParser
+
 from diffdenoise.cli import main
+from diffdenoise.denoise import load_model
 
 STAGE_CONFIGS = {"common", "train_bsn", "infer_bsn", "train_diffusion", "sample_srds", "train_student", "inference"}
 
 
 def test_fit_leaves_a_bundle_that_monai_bundle_run_and_denoise_use(shared_data, tmp_path):
+    """Two iterations (the second conditioned on the first student); the bundle ships the last student."""
     src = shared_data / "phantom_mri_epi_repeats/series/0126.dcm"  # one EPI repeat: 63 frames, real noise
     before = hashlib.sha256(src.read_bytes()).hexdigest()
     run_dir = tmp_path / "my_bundle"
-    assert main(["fit", str(src), str(run_dir), "--preset", "smoke"]) == 0
+    assert main(["fit", str(src), str(run_dir), "--preset", "smoke", "--iterations", "2"]) == 0
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
     assert {p.stem for p in (run_dir / "configs").glob("*.yaml")} == STAGE_CONFIGS
     assert (run_dir / "configs" / "metadata.json").is_file() and (run_dir / "LICENSE").is_file()
-    for name in ("bsn.pt", "diffusion.pt", "model.pt", "model.ts"):
+    for name in ("bsn.pt", "diffusion.pt", "model.pt", "diffusion_iter2.pt", "model_iter2.pt", "model.ts"):
         assert (run_dir / "models" / name).stat().st_size > 0, name
-    datalist = json.loads((run_dir / "data" / "datalist_student.json").read_text())
-    assert "clean" not in datalist["training"][0] and "srds" in datalist["training"][0]
+    datalist = json.loads((run_dir / "data" / "datalist_student_iter2.json").read_text())
+    assert "clean" not in datalist["training"][0]
+    assert {"bsn", "srds", "student", "srds_iter2", "student_iter2"} <= set(datalist["training"][0])
     assert not list(tmp_path.glob(".my_bundle*"))  # no partial folder left beside it
 
-    # the merged config alone runs the student, from any working directory
-    (run_dir / "data" / "datalist_student.json").unlink()
+    # iteration 2's diffusion model was fine-tuned from iteration 1's: far nearer to it than a fresh one is
+    first, second = (torch.load(run_dir / "models" / f"diffusion{s}.pt", weights_only=True) for s in ("", "_iter2"))
+    parser = ConfigParser()
+    parser.read_config(str(run_dir / "configs" / "sample_srds.yaml"))
+    torch.manual_seed(1)
+    fresh = parser.get_parsed_content("diffusion_def").state_dict()
+    moved, apart = (sum(float((second[k] - other[k]).norm()) for k in second) for other in (first, fresh))
+    assert moved < 0.5 * apart
+
+    # the bundle's SRDS is iteration 2's: its condition comes from the first student, so it reproduces the
+    # stored iteration-2 pseudo-target of a slice from the noisy slice alone
+    item = datalist["training"][0]
+    noisy = np.load(run_dir / "data" / item["image"])
+    srds = load_model(run_dir, "srds", "cpu")
+    np.testing.assert_allclose(srds(noisy[None])[0], np.load(run_dir / "data" / item["srds_iter2"]), atol=1e-4)
+
+    # the merged config alone runs the last student, from any working directory
+    (run_dir / "data" / "datalist_student_iter2.json").unlink()
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
                            str(run_dir / "configs" / "inference.yaml")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    item = json.loads((run_dir / "data" / "datalist_student.json").read_text())["test"][0]
-    student_out = np.load(run_dir / "data" / item["student"])
+    item = json.loads((run_dir / "data" / "datalist_student_iter2.json").read_text())["test"][0]
+    student_out = np.load(run_dir / "data" / item["student_iter2"])
 
     # the exported TorchScript student gives the same output as the checkpoint
     noisy = torch.from_numpy(np.load(run_dir / "data" / item["image"]))[None, None]
