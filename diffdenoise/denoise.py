@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -36,9 +38,11 @@ from tqdm import tqdm
 
 from diffdenoise import __version__
 from diffdenoise.data import NORMALISATION_RULE, intensity_range, scale_to_unit
+from diffdenoise.distributed import Shard, shard_group
 from diffdenoise.errors import InputError, one_line
 from diffdenoise.io import (
     MODALITIES,
+    DerivedSeriesUIDs,
     Volume,
     VolumeSource,
     atomic_folder,
@@ -284,49 +288,80 @@ def denoise(
         InputError: bad input, output or model, see ``diffdenoise.io``, ``load_model``, ``denoise_volume``.
     """
     src, out = Path(src), Path(out)
-    check_output_folder(out, src, overwrite)
-    if modality is not None and modality not in MODALITIES:
-        raise InputError("--modality", f"{modality!r} is not one of {', '.join(MODALITIES)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError("--batch_size", f"must be an integer >= 1, got {batch_size!r}")
-    sources = _select_series(scan_volumes(src), series, src)
-    model = load_model(bundle, mode, device, config)
-    series_uids: dict[str, str] = {}
-    derivation = f"diffdenoise {__version__} {model.mode} ({model.checkpoint.name} sha256 {model.sha256[:12]})"
-    with atomic_folder(out, overwrite) as tmp:
-        for source in tqdm(sources, desc="denoise", unit="volume", disable=not progress or len(sources) < 2):
-            started = time.perf_counter()
-            volume = source.read()
-            read = time.perf_counter()
-            array, stats = denoise_volume(volume, model, modality, ct_window, batch_size, progress)
-            denoised = time.perf_counter()
-            written = write_volume(volume, array, tmp / volume.volume_id, derivation, series_uids)
-            finished = time.perf_counter()
-            report = {
-                "input": str(Path(volume.source).resolve()),
-                "output": str(out.resolve() / written.relative_to(tmp)),
-                "format": volume.meta["format"],
-                "volume_id": volume.volume_id,
-                "shape": list(volume.array.shape),
-                "slices": len(volume.array),
-                **stats,
-                "normalisation": NORMALISATION_RULE,
-                "noise_sigma_method": "skimage.restoration.estimate_sigma per normalised slice, mean over slices",
-                "timings_s": {"read": read - started, "denoise": denoised - read, "write": finished - denoised},
-                "mode": model.mode,
-                "model_file": str(model.checkpoint),
-                "model_sha256": model.sha256,
-                "configs": model.configs,
-                "device": str(model.device),
-                "diffdenoise_version": __version__,
-            }
-            if volume.meta["format"] == "dicom":
-                report["SeriesInstanceUID"] = series_uids[volume.meta["SeriesInstanceUID"]]
-                report["source_SeriesInstanceUID"] = volume.meta["SeriesInstanceUID"]
-            (tmp / f"{volume.volume_id}.json").write_text(json.dumps(report, indent=1))
-            if callback is not None:
-                callback(report)
+    with shard_group() as shard:
+        error = None
+        try:
+            check_output_folder(out, src, overwrite)
+            if modality is not None and modality not in MODALITIES:
+                raise InputError("--modality", f"{modality!r} is not one of {', '.join(MODALITIES)}")
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise InputError("--batch_size", f"must be an integer >= 1, got {batch_size!r}")
+            sources = _select_series(scan_volumes(src), series, src)
+            if shard.size > 1 and device in (None, "cuda") and torch.cuda.is_available():
+                device = f"cuda:{shard.local_rank}"
+            model = load_model(bundle, mode, device, config)
+        except Exception as exc:
+            error = exc
+        _all_or_none(shard, error, out)
+        with atomic_folder(out, overwrite) if shard.rank == 0 else nullcontext() as tmp:
+            tmp, salt = shard.broadcast((tmp, uuid.uuid4().hex))
+            try:
+                _denoise_volumes(shard.take(sources), tmp, out, model, DerivedSeriesUIDs(salt), shard, modality,
+                                 ct_window, batch_size, progress and shard.rank == 0, callback)
+            except Exception as exc:
+                error = exc
+            _all_or_none(shard, error, out)
+        shard.barrier()  # the output is in place before any rank returns
     return out
+
+
+def _all_or_none(shard: Shard, error: Exception | None, out: Path) -> None:
+    """Raises this rank's error, or, when another rank of a torchrun launch failed, an error saying so; every
+    rank waits here, so none goes on (or renames the output into place) past a failure."""
+    succeeded = shard.all_succeeded(error is None)
+    if error is not None:
+        raise error
+    if not succeeded:
+        raise InputError(out, "another process of the torchrun launch failed (its error is above); no output written")
+
+
+def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, series_uids: dict, shard: Shard, modality,
+                     ct_window, batch_size: int, progress: bool, callback) -> None:
+    """Reads, denoises and writes each volume with its JSON report into ``tmp``, the future ``out``."""
+    derivation = f"diffdenoise {__version__} {model.mode} ({model.checkpoint.name} sha256 {model.sha256[:12]})"
+    for source in tqdm(sources, desc="denoise", unit="volume", disable=not progress or len(sources) < 2):
+        started = time.perf_counter()
+        volume = source.read()
+        read = time.perf_counter()
+        array, stats = denoise_volume(volume, model, modality, ct_window, batch_size, progress)
+        denoised = time.perf_counter()
+        written = write_volume(volume, array, tmp / volume.volume_id, derivation, series_uids)
+        finished = time.perf_counter()
+        report = {
+            "input": str(Path(volume.source).resolve()),
+            "output": str(out.resolve() / written.relative_to(tmp)),
+            "format": volume.meta["format"],
+            "volume_id": volume.volume_id,
+            "shape": list(volume.array.shape),
+            "slices": len(volume.array),
+            **stats,
+            "normalisation": NORMALISATION_RULE,
+            "noise_sigma_method": "skimage.restoration.estimate_sigma per normalised slice, mean over slices",
+            "timings_s": {"read": read - started, "denoise": denoised - read, "write": finished - denoised},
+            "mode": model.mode,
+            "model_file": str(model.checkpoint),
+            "model_sha256": model.sha256,
+            "configs": model.configs,
+            "device": str(model.device),
+            "diffdenoise_version": __version__,
+            **({"rank": shard.rank, "world_size": shard.size} if shard.size > 1 else {}),
+        }
+        if volume.meta["format"] == "dicom":
+            report["SeriesInstanceUID"] = series_uids[volume.meta["SeriesInstanceUID"]]
+            report["source_SeriesInstanceUID"] = volume.meta["SeriesInstanceUID"]
+        (tmp / f"{volume.volume_id}.json").write_text(json.dumps(report, indent=1))
+        if callback is not None:
+            callback(report)
 
 
 def _check_volume(volume: Volume) -> None:

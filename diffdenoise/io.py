@@ -466,6 +466,22 @@ _RASTER_DTYPES = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I;16L":
                   "F": np.float32}  # fmt: skip
 
 
+class DerivedSeriesUIDs(dict):
+    """Source SeriesInstanceUID -> the derived series' UID, made on first use from the source UID and a salt.
+
+    One salt per run: every volume of a source series joins one derived series, even when the processes of
+    a torchrun launch write its files separately (they share the salt), and two runs give two series.
+    """
+
+    def __init__(self, salt: str | None = None):
+        super().__init__()
+        self.salt = uuid.uuid4().hex if salt is None else salt
+
+    def __missing__(self, source_uid: str) -> str:
+        self[source_uid] = generate_uid(entropy_srcs=[self.salt, str(source_uid)])
+        return self[source_uid]
+
+
 def write_volume(volume: Volume, array, dest, derivation: str = "", series_uids: dict | None = None) -> Path:
     """Writes ``array`` in the format, geometry and bit depth ``volume`` was read with; inverse of the readers.
 
@@ -485,8 +501,8 @@ def write_volume(volume: Volume, array, dest, derivation: str = "", series_uids:
             holding one file per input file, named as the input's; anything else becomes one file,
             ``dest`` + the input's suffix (``.dcm`` for DICOM).
         derivation: what was done, for DICOM DerivationDescription and the NIfTI ``descrip`` field.
-        series_uids: maps source SeriesInstanceUIDs to new ones; pass one dict for all volumes of a run
-            so that the multi-frame files of one source series stay one derived series.
+        series_uids: maps source SeriesInstanceUIDs to new ones (a ``DerivedSeriesUIDs``); pass one for all
+            volumes of a run so that the multi-frame files of one source series stay one derived series.
 
     Returns:
         The written file or folder.
@@ -500,7 +516,7 @@ def write_volume(volume: Volume, array, dest, derivation: str = "", series_uids:
     dest, meta = Path(dest), volume.meta
     if meta["format"] == "dicom":
         with _lenient_headers():
-            return _write_dicom(meta, array, dest, derivation, {} if series_uids is None else series_uids)
+            return _write_dicom(meta, array, dest, derivation, DerivedSeriesUIDs() if series_uids is None else series_uids)
     if meta["format"] == "nifti":
         return _write_nifti(meta, array, dest, derivation)
     return _write_raster(meta, array, dest)
@@ -580,7 +596,7 @@ def _write_dicom(meta: dict, array: np.ndarray, dest: Path, derivation: str, ser
     slices_of: dict[str, list[tuple[int, int]]] = {}  # file -> [(frame, slice index)]
     for k, (path, frame) in enumerate(zip(files, meta["frame_numbers"])):
         slices_of.setdefault(path, []).append((frame, k))
-    series_uid = series_uids.setdefault(meta["SeriesInstanceUID"], generate_uid())
+    series_uid = series_uids[meta["SeriesInstanceUID"]]
     if len(slices_of) == 1:
         targets = [dest.with_name(dest.name + ".dcm")]
     else:

@@ -5,6 +5,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -338,3 +340,52 @@ def test_a_volume_streams_through_the_model_in_batches_holding_one_output_volume
     assert batches == [(4, 64, 64)] * 50
     assert peak < 1.3 * volume.array.nbytes, peak / volume.array.nbytes
     assert out.shape == volume.array.shape and stats["noise_sigma_after"] < stats["noise_sigma_before"]
+
+
+def _torchrun_denoise(src, out, bundle) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m diffdenoise.cli denoise ...` with this interpreter, on gloo."""
+    path, overlay = bundle
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffdenoise.cli",
+           "denoise", str(src), str(out), "--bundle", str(path), "--config", str(overlay), "--device", "cpu"]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_shards_the_inputs_and_writes_what_one_process_writes(shared_data, bundle, tmp_path):
+    """Two ranks take two volumes each; the output is the single-process output, and the two multi-frame
+    files of one phantom series, written by different ranks, still form one derived series."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("0189.dcm", "0252.dcm"):
+        shutil.copy(shared_data / "phantom_mri_epi_repeats" / "series" / name, src)
+    for png in sorted((shared_data / "chest_xray_mhh" / "png").glob("*.png"))[:2]:
+        shutil.copy(png, src)
+    before = digest(src)
+    _denoise(src, tmp_path / "one", bundle)
+    done = _torchrun_denoise(src, tmp_path / "two", bundle)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert digest(src) == before
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names and len(names) == 8
+    reports = [json.loads((tmp_path / "two" / n).read_text()) for n in names if n.endswith(".json")]
+    assert sorted(r["rank"] for r in reports) == [0, 0, 1, 1] and {r["world_size"] for r in reports} == {2}
+    for name in names:
+        if name.endswith(".dcm"):
+            one, two = (pydicom.dcmread(tmp_path / run / name) for run in ("one", "two"))
+            np.testing.assert_array_equal(one.pixel_array, two.pixel_array)
+        elif name.endswith(".png"):
+            np.testing.assert_array_equal(*(np.asarray(Image.open(tmp_path / run / name)) for run in ("one", "two")))
+    series = {pydicom.dcmread(tmp_path / "two" / n, stop_before_pixels=True).SeriesInstanceUID for n in names
+              if n.endswith(".dcm")}
+    assert len(series) == 1 and series != {pydicom.dcmread(tmp_path / "one" / "0189.dcm").SeriesInstanceUID}
+
+
+def test_torchrun_writes_nothing_when_one_rank_fails(shared_data, bundle, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for png in sorted((shared_data / "chest_xray_mhh" / "png").glob("*.png"))[:3]:
+        shutil.copy(png, src)
+    shutil.copy(get_testdata_file("MR_truncated.dcm"), src / "zz_truncated.dcm")  # the 4th volume: rank 1's
+    done = _torchrun_denoise(src, tmp_path / "out", bundle)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0 and "zz_truncated.dcm" in log and "another process of the torchrun launch" in log
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

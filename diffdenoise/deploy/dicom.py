@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from diffdenoise.errors import InputError
-from diffdenoise.io import DICOM_MODALITIES, Volume, file_stem, write_volume
+from diffdenoise.io import DICOM_MODALITIES, DerivedSeriesUIDs, Volume, file_stem, write_volume
 
 __all__ = ["check_invertible", "polarity", "series_volume_id", "write_series"]
 
@@ -118,7 +118,7 @@ def write_series(datasets: Sequence, array, out, derivation: str = "", report: d
     staging = out / f".{volume_id}.{uuid.uuid4().hex[:8]}.partial"
     staging.mkdir()
     try:
-        series_uids: dict[str, str] = {}
+        series_uids = DerivedSeriesUIDs()
         written = write_volume(volume, array, staging / volume_id, derivation, series_uids)
         final = out / written.name
         if report is not None:
