@@ -272,10 +272,9 @@ def _bundle_denoiser(stage: str, overlays: Sequence[str], keys: Mapping[str, Any
     return denoise
 
 
-def _steps_upto(data: Path, name: str) -> list[Step]:
-    """The pipeline's config runs in order (``diffdenoise.pipeline.pipeline_steps``), from the first to ``name``."""
-    steps = pipeline_steps(data, ITERATIONS)
-    return steps[:[step.name for step in steps].index(name) + 1]
+def _steps_upto(steps: Sequence[Step], name: str) -> list[Step]:
+    """The pipeline's config runs (``diffdenoise.pipeline.pipeline_steps``) from the first to the one ``name``."""
+    return list(steps[:[step.name for step in steps].index(name) + 1])
 
 
 def _fitting_crop(overlays: Sequence[str], keys: Mapping[str, Any], datalist: Path) -> dict:
@@ -327,7 +326,7 @@ def _pipeline(settings: FitSettings, upto: str) -> tuple[dict, dict]:
                  for split in ("training", "validation")}
         (data / "datalist.json").write_text(json.dumps({**noisy, "test": [], "meta": {"source": str(source)}}))
         state = {"run": run, "seconds": {}, "cpu_seconds": {}}
-    for step in _steps_upto(data, upto):
+    for step in _steps_upto(pipeline_steps(data, ITERATIONS), upto):
         if step.name in state["seconds"]:
             continue
         started, cpu = time.perf_counter(), time.process_time()
@@ -345,8 +344,9 @@ def _fit_stage(upto: str, denoiser: str, inferer_key: str) -> Callable:
 
     def fit(train_noisy, workdir, settings) -> Fitted:
         keys, state = _pipeline(settings, upto)
-        needed = [step.name for step in _steps_upto(Path(keys["dataset_dir"]), upto)]
-        step = _steps_upto(Path(keys["dataset_dir"]), denoiser)[-1]
+        steps = pipeline_steps(Path(keys["dataset_dir"]), ITERATIONS)
+        needed = [step.name for step in _steps_upto(steps, upto)]
+        step = next(step for step in steps if step.name == denoiser)
         return Fitted(_bundle_denoiser(step.config, [*_overlays(settings), *step.overlays], {**keys, **step.keys},
                                        inferer_key),
                       sum(state["seconds"][n] for n in needed), sum(state["cpu_seconds"][n] for n in needed))

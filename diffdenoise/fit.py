@@ -73,15 +73,14 @@ def _write_configs(work: Path, run_dir: Path, overlays: Sequence[str], overrides
     configs = work / "configs"
     configs.mkdir()
     data = run_dir / "data"
-    keys = {"bundle_root": str(run_dir), "dataset_dir": str(data), **stage_keys(data), **overrides}
-    last = {"bundle_root": str(run_dir), "dataset_dir": str(data), **stage_keys(data, iterations), **overrides}
     for name, stage in [("common", None), *((c, None) for c in _EXTRA_CONFIGS),
                         *((c, s.name) for s in STAGES for c in s.configs)]:
-        later = iterations > 1 and stage in ITERATED
-        files = stage_config_files(name, [*overlays, *([ITERATION_OVERLAY] if later else [])])
+        iteration = iterations if stage in ITERATED else 1
+        files = stage_config_files(name, [*overlays, *([ITERATION_OVERLAY] if iteration > 1 else [])])
         parser = ConfigParser()
         parser.read_config(files[1:] if name == "common" else files)  # common.yaml is files[0]
-        parser.update(last if later else keys)
+        parser.update({"bundle_root": str(run_dir), "dataset_dir": str(data), **stage_keys(data, iteration),
+                       **overrides})
         ConfigParser.export_config_file(parser.get(), str(configs / f"{name}.yaml"), fmt="yaml", sort_keys=False)
     shutil.copy(bundle_dir() / "configs" / "metadata.json", configs / "metadata.json")
     shutil.copy(bundle_dir() / "LICENSE", work / "LICENSE")
