@@ -71,6 +71,9 @@ def test_bsn_on_two_processes(trained, tmp_path):
     resume = torch.load(bundle_root / "models" / "resume" / f"bsn_iteration_{ITERATIONS}.pt", weights_only=True)
     assert resume["trainer"]["iteration"] == ITERATIONS
     network.load_state_dict(resume["network"])
+    # every rank's random streams are kept, each its own (the ranks draw different crops), for a resume on 2 ranks
+    ranks = resume["randomness"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
 
 
 def test_diffusion_on_two_processes(trained, tmp_path):

@@ -1,31 +1,50 @@
-"""Interruption-safe training: a smoke run killed (SIGKILL, as a preempted job) after its first resume
-checkpoint and rerun with `--resume true` continues from the stored iteration, mid-epoch, and stops at the
-same total as an uninterrupted run."""
+"""Interruption-safe training, for each training stage: a smoke run killed (SIGKILL, as a preempted job) after
+its first resume checkpoint and rerun with `--resume true` continues from the stored iteration, mid-epoch, stops
+at the same total and ends with bitwise the weights of an uninterrupted run (the checkpoints keep every random
+stream: diffdenoise.resume). One torch thread per run, so the arithmetic is the same in every run."""
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from diffdenoise.stages import stage_config_files, stage_parser
+from diffdenoise.stages import run_stage, stage_config_files, stage_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_EPOCHS, EPOCH_LENGTH, INTERVAL = 3, 8, 4
 TOTAL = MAX_EPOCHS * EPOCH_LENGTH
+# stage -> (resume prefix, best checkpoint, network config key, stage-specific arguments)
+STAGES = {
+    "train_bsn": ("bsn", "bsn.pt", "bsn_def", ["--max_epochs", str(MAX_EPOCHS), "--epoch_length", str(EPOCH_LENGTH)]),
+    "train_diffusion": ("diffusion", "diffusion.pt", "diffusion_def",
+                        ["--max_epochs", str(MAX_EPOCHS), "--epoch_length", str(EPOCH_LENGTH)]),
+    "train_student": ("student", "model.pt", "student_def",
+                      ["--student_max_epochs", str(MAX_EPOCHS), "--student_epoch_length", str(EPOCH_LENGTH),
+                       "--student_target_key", "bsn"]),
+}  # fmt: skip
 
 
-def command(data, bundle_root, *extra):
+def command(stage, data, bundle_root, *extra):
+    args = STAGES[stage][3] + (["--student_datalist_path", str(data / "datalist_bsn.json")]
+                               if stage == "train_student" else [])  # fmt: skip
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-            str(stage_config_files("train_bsn", ["presets/smoke"])), "--dataset_dir", str(data),
-            "--bundle_root", str(bundle_root), "--max_epochs", str(MAX_EPOCHS), "--epoch_length", str(EPOCH_LENGTH),
-            "--resume_interval", str(INTERVAL), *extra]
+            str(stage_config_files(stage, ["presets/smoke"])), "--dataset_dir", str(data),
+            "--bundle_root", str(bundle_root), "--resume_interval", str(INTERVAL), *args, *extra]
 
 
-def stored_iterations(resume_dir):
-    return sorted(int(p.stem.rsplit("_", 1)[1]) for p in resume_dir.glob("bsn_iteration_*.pt"))
+def start(cmd, log_path):
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def stored_iterations(resume_dir, prefix):
+    return sorted(int(p.stem.rsplit("_", 1)[1]) for p in resume_dir.glob(f"{prefix}_iteration_*.pt"))
 
 
 def logged_steps(events_files):
@@ -38,33 +57,54 @@ def logged_steps(events_files):
     return steps
 
 
-def test_killed_run_resumes_to_the_same_total(trained, tmp_path):
-    data, _, _ = trained
-    bundle_root = tmp_path / "bundle"
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[0]}"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(stage, trained, tmp_path):
+    data, stage1_root, _ = trained
+    if stage != "train_bsn" and not (data / "datalist_bsn.json").is_file():
+        run_stage("infer_bsn", ["presets/smoke"], dataset_dir=str(data), bundle_root=str(stage1_root))
+    prefix, best, network_key, _ = STAGES[stage]
+    reference_root, bundle_root = tmp_path / "uninterrupted", tmp_path / "bundle"
     resume_dir, logs = bundle_root / "models" / "resume", bundle_root / "logs"
-    with open(tmp_path / "killed.log", "w") as log:
-        run = subprocess.Popen(command(data, bundle_root), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not stored_iterations(resume_dir):
-            assert run.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no resume checkpoint within 300 s"
-            time.sleep(0.05)
-        run.kill()
-        run.wait()
-    stored = stored_iterations(resume_dir)[-1]
+
+    reference = start(command(stage, data, reference_root), tmp_path / "uninterrupted.log")
+    run = start(command(stage, data, bundle_root), tmp_path / "killed.log")
+    deadline = time.monotonic() + 300
+    while not stored_iterations(resume_dir, prefix):
+        assert run.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no resume checkpoint within 300 s"
+        time.sleep(0.05)
+    run.kill()
+    run.wait()
+    stored = stored_iterations(resume_dir, prefix)[-1]
     assert stored < TOTAL
     killed_events = set(logs.glob("events.out.tfevents.*"))
 
-    done = subprocess.run(command(data, bundle_root, "--resume", "true"), cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(command(stage, data, bundle_root, "--resume", "true"), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert reference.wait(timeout=600) == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
     # the resumed run trained exactly the iterations after the stored one, so the total matches an uninterrupted run
     resumed_events = set(logs.glob("events.out.tfevents.*")) - killed_events
     assert logged_steps(resumed_events) == list(range(stored + 1, TOTAL + 1))
     # the last two files are kept, the killed run's included in the pruning
-    assert stored_iterations(resume_dir) == [TOTAL - INTERVAL, TOTAL]
-    final = torch.load(resume_dir / f"bsn_iteration_{TOTAL}.pt", weights_only=True)
-    assert final["trainer"]["iteration"] == TOTAL and final["lr_scheduler"]["last_epoch"] == TOTAL
-    network = stage_parser("train_bsn", ["presets/smoke"]).get_parsed_content("bsn_def")
+    assert stored_iterations(resume_dir, prefix) == [TOTAL - INTERVAL, TOTAL]
+    final = torch.load(resume_dir / f"{prefix}_iteration_{TOTAL}.pt", weights_only=True)
+    expected = torch.load(reference_root / "models" / "resume" / f"{prefix}_iteration_{TOTAL}.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == TOTAL
+    # same crops, flips, batches (and diffusion t and eps) after the resume: bitwise the uninterrupted weights,
+    # EMA included, and the same best checkpoint
+    for part in ("network", "ema"):
+        if part in expected:
+            assert_same_weights(final[part], expected[part])
+    assert_same_weights(torch.load(bundle_root / "models" / best, weights_only=True),
+                        torch.load(reference_root / "models" / best, weights_only=True))  # fmt: skip
+    if "lr_scheduler" in final:
+        assert final["lr_scheduler"]["last_epoch"] == TOTAL
+    network = stage_parser(stage, ["presets/smoke"]).get_parsed_content(network_key)
     network.load_state_dict(final["network"])
-    network.load_state_dict(torch.load(bundle_root / "models" / "bsn.pt", weights_only=True))
