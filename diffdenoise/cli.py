@@ -1,4 +1,4 @@
-"""The ``diffdenoise`` command (fire): ``prepare``, ``stage``, ``demo``, ``fit``, ``denoise``, ``benchmark``.
+"""The ``diffdenoise`` command (fire): ``prepare``, ``stage``, ``demo``, ``fit``, ``export``, ``denoise``, ``benchmark``.
 
 Bad input ends with one line on stderr naming the file and the problem, and exit status 2; no traceback.
 """
@@ -54,8 +54,10 @@ def demo(out: str = "diffdenoise_demo", preset: str = "demo", noise: str = "gaus
 
 
 def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modality: str | None = None, seed: int = 0,
-        iterations: int = 1, overwrite: bool = False, **overrides) -> str:
+        iterations: int = 1, onnx: bool = False, overwrite: bool = False, **overrides) -> str:
     """Train every stage on noisy scans (no clean images) and leave a finished bundle in RUN_DIR.
+
+    The student ships as models/model.ts (TorchScript) and, with --onnx, models/model.onnx.
 
     Example: ``diffdenoise fit scans/ runs/my_bundle --preset cpu``, then
     ``diffdenoise denoise new_scan/ out/ --bundle runs/my_bundle`` or
@@ -65,7 +67,19 @@ def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modal
 
     overlays = (overlays,) if isinstance(overlays, str) else tuple(overlays)
     return str(fit_bundle(src, run_dir, preset=preset, overlays=overlays, modality=modality, seed=seed,
-                          iterations=iterations, overwrite=overwrite, **overrides))
+                          iterations=iterations, onnx=onnx, overwrite=overwrite, **overrides))
+
+
+def export(run_dir: str, formats: tuple = ("onnx",)) -> str:
+    """Export a fitted bundle's student again: --formats onnx (default; the onnx extra) and/or torchscript.
+
+    Example: diffdenoise export runs/my_bundle --formats onnx   (writes runs/my_bundle/models/model.onnx)
+    """
+    from diffdenoise.export import bundle_inference_config, export_student
+
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    written = export_student([bundle_inference_config(run_dir)], run_dir, formats)
+    return " ".join(str(p) for p in written)
 
 
 def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = None, device: str | None = None,
@@ -117,7 +131,7 @@ def _input_error(err: BaseException) -> InputError | None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     try:
-        fire.Fire({"prepare": prepare, "stage": stage, "demo": demo, "fit": fit, "denoise": denoise,
+        fire.Fire({"prepare": prepare, "stage": stage, "demo": demo, "fit": fit, "export": export, "denoise": denoise,
                    "benchmark": benchmark}, command=argv, name="diffdenoise")
     except Exception as err:  # noqa: BLE001 - only bad input is turned into a one-line message
         cause = _input_error(err)

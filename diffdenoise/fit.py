@@ -9,6 +9,7 @@ last stage and the export are done, so RUN_DIR is either a finished bundle or ab
     RUN_DIR/configs/common.yaml    the merged shared keys (what ``diffdenoise denoise --bundle`` reads first)
     RUN_DIR/configs/metadata.json, RUN_DIR/LICENSE
     RUN_DIR/models/{bsn,diffusion,model}.pt, RUN_DIR/models/model.ts (the student, TorchScript)
+    RUN_DIR/models/model.onnx      with --onnx: the student for ONNX Runtime (diffdenoise.export)
     RUN_DIR/models/{diffusion,model}_iter<k>.pt   with --iterations N > 1: each later iteration's networks;
                                    the stage configs and model.ts are then the last iteration's
     RUN_DIR/data/                  the prepared slices and every stage's outputs (pseudo-targets included)
@@ -20,12 +21,13 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from monai.bundle import ConfigParser, ckpt_export
+from monai.bundle import ConfigParser
 
 from diffdenoise.data import prepare
 from diffdenoise.errors import InputError
+from diffdenoise.export import check_formats, export_student
 from diffdenoise.io import atomic_folder, check_output_folder
-from diffdenoise.pipeline import ITERATED, ITERATION_OVERLAY, STAGES, iteration_suffix, run_pipeline, stage_keys
+from diffdenoise.pipeline import ITERATED, ITERATION_OVERLAY, STAGES, run_pipeline, stage_keys
 from diffdenoise.stages import bundle_dir, stage_config_files
 
 # configs a finished bundle carries, beyond those STAGES run
@@ -33,7 +35,7 @@ _EXTRA_CONFIGS = ("infer_bsn",)
 
 
 def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modality: str | None = None,
-        seed: int = 0, iterations: int = 1, overwrite: bool = False, **overrides) -> Path:
+        seed: int = 0, iterations: int = 1, onnx: bool = False, overwrite: bool = False, **overrides) -> Path:
     """Prepares ``src`` (already noisy), trains and runs every stage, exports the student; returns RUN_DIR.
 
     Args:
@@ -45,6 +47,7 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
         seed: fixes the splits and the training.
         iterations: rounds of stages 2-4 (paper Table 4); each after the first is conditioned on the previous
             student, and the bundle ships the last student.
+        onnx: also export the student to ONNX (needs the ``onnx`` extra).
         overwrite: replace an existing RUN_DIR.
         overrides: any config key, e.g. ``max_epochs=30`` (applied to every stage).
 
@@ -55,15 +58,13 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise InputError("--iterations", f"must be a whole number >= 1, got {iterations!r}")
     check_output_folder(run_dir, src, overwrite)
+    formats = check_formats(["torchscript", *(["onnx"] if onnx else [])])
     overlays = [f"presets/{preset}", *overlays]
     with atomic_folder(run_dir, overwrite) as work:
         prepare(src, work / "data", modality=modality, seed=seed)
         run_pipeline(work / "data", work, overlays, iterations=iterations, seed=seed, **overrides)
         _write_configs(work, run_dir, overlays, {"seed": seed, **overrides}, iterations)
-        student = work / "models" / f"model{iteration_suffix(iterations)}.pt"
-        ckpt_export(net_id="network_def", filepath=str(work / "models" / "model.ts"), ckpt_file=str(student),
-                    meta_file=str(work / "configs" / "metadata.json"),
-                    config_file=[str(work / "configs" / "inference.yaml")], bundle_root=str(work))
+        export_student([work / "configs" / "inference.yaml"], work, formats)
     return run_dir
 
 

@@ -9,8 +9,9 @@ What runs:
   **random weights**: a forward pass costs the same whatever the weight values, so no trained model is needed;
 - SRDS is ``sample_srds.yaml``'s ``srds_inferer`` (one (eps, -eps) pair per slice: batch 2 per DDIM step) with x_c
   given, so its row excludes the BSN that computes x_c (the BSN row); the student replaces both;
-- the student is ``inference.yaml``'s NAFNet, eager and ``torch.jit.script``ed (what ``ckpt_export`` writes to
-  ``model.ts``); BM3D and NLM are ``diffdenoise.baselines.classical`` with the noise sigma given, on the CPU,
+- the student is ``inference.yaml``'s NAFNet, eager, ``torch.jit.script``ed (what ``ckpt_export`` writes to
+  ``model.ts``) and exported to ONNX by ``diffdenoise.export`` (``model.onnx``), run by ONNX Runtime on the CPU with
+  torch's thread count (skipped with a note when the onnx extra is absent); BM3D and NLM are ``diffdenoise.baselines.classical`` with the noise sigma given, on the CPU,
   one slice at a time (their throughput is 1 / latency);
 - slices: the middle slices of the studyforrest T1 series, normalised like ``diffdenoise prepare``, centre-cropped
   to a square, resized to each size, plus Gaussian noise of sigma 6/255 (the paper's level).
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -57,7 +59,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERIES = Path("brain_mri_t1_axial_studyforrest") / "series"
 NOISE_SIGMA = 6 / 255
-METHODS = ("srds", "student", "student_ts", "bsn", "bm3d", "nlm")
+METHODS = ("srds", "student", "student_ts", "student_onnx", "bsn", "bm3d", "nlm")
 CPU_TARGET_SPEEDUP = 20.0  # issue 8: student >= 20x faster per slice than SRDS at 20 steps, on a CPU
 GPU_TARGET_SIZE, GPU_TARGET_SRDS_S, GPU_TARGET_STUDENT_S = 320, 0.25, 0.005  # issue 8, on a GPU
 QUICK = {"sizes": "32,64", "steps": 2, "repeats": 1, "batch": 2}
@@ -225,6 +227,11 @@ def build_methods(args, device: torch.device) -> list[Method]:
     if "student_ts" in args.methods:
         scripted = torch_call(torch.jit.script(fast(parser.get_parsed_content("network_def"), False)))
         methods.append(Method("student_ts", "student NAFNet, TorchScript", device.type, scripted, scripted))
+    if "student_onnx" in args.methods:
+        if importlib.util.find_spec("onnxruntime") is None:
+            print("student_onnx skipped: the onnx extra is not installed (pip install -e '.[onnx]')", file=sys.stderr)
+        else:
+            methods.append(onnx_student(args, parser.get_parsed_content("network_def")))
     if "bsn" in args.methods:
         bsn_net = fast(parser.get_parsed_content("bsn_def"), args.compile)
         bsn_inferer = parser.get_parsed_content("bsn_inferer")
@@ -236,6 +243,27 @@ def build_methods(args, device: torch.device) -> list[Method]:
             methods.append(Method(key, name, "cpu", classical, classical, batched=False, warmup_calls=1,
                                   note="one slice at a time"))
     return methods
+
+
+def onnx_student(args, network: torch.nn.Module) -> Method:
+    """The student as ``diffdenoise export`` writes it, in an ONNX Runtime session (CPU)."""
+    import tempfile
+
+    from diffdenoise.export import export_student
+    from diffdenoise.stages import stage_config_files
+
+    root = Path(tempfile.mkdtemp(prefix="bench_speed_onnx_"))
+    (root / "models").mkdir()
+    torch.save(network.state_dict(), root / "models" / "model.pt")
+    files = stage_config_files("inference", [f"presets/{args.preset}"])
+    (onnx_file,) = export_student(files, root, ["onnx"])
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    run = lambda x: session.run(None, {"image": x.detach().cpu().numpy()})[0]  # noqa: E731
+    return Method("student_onnx", "student NAFNet, ONNX Runtime", "cpu", run, run)
 
 
 def reset_peak(device: str) -> bool:
@@ -328,7 +356,8 @@ def ratios(args, rows: list[Row]) -> tuple[list[str], dict]:
     by = {(r.size, r.method): r.median_ms for r in rows if not r.error}
     lines, numbers = [], {}
     steps_note = "" if args.steps == 20 else f" (the targets are defined at 20 steps; this run used {args.steps})"
-    for key, name in (("student", "student (eager)"), ("student_ts", "student (TorchScript)")):
+    for key, name in (("student", "student (eager)"), ("student_ts", "student (TorchScript)"),
+                      ("student_onnx", "student (ONNX Runtime)")):
         parts = []
         for size in args.sizes:
             if (size, "srds") in by and (size, key) in by:

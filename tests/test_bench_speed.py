@@ -12,7 +12,7 @@ import sys
 
 from conftest import REPO_ROOT
 
-METHODS = ("srds", "student", "student_ts", "bsn", "bm3d", "nlm")
+METHODS = ("srds", "student", "student_ts", "student_onnx", "bsn", "bm3d", "nlm")
 SIZES = (32, 64)  # the --quick sizes
 
 
@@ -43,7 +43,8 @@ def test_bench_speed_quick(shared_data, tmp_path):
         assert row["throughput"] > 0 and all(p > 0 for p in row["peak_mib"]), row
     assert data["machine"]["commit"] and data["machine"]["torch"]
 
-    for prefix in ("- student (eager) vs SRDS", "- student (TorchScript) vs SRDS", "- SRDS vs BM3D"):
+    for prefix in ("- student (eager) vs SRDS", "- student (TorchScript) vs SRDS", "- student (ONNX Runtime) vs SRDS",
+                   "- SRDS vs BM3D"):
         assert any(line.startswith(prefix) for line in result.stdout.splitlines()), prefix
     assert {f"srds_over_student_{size}" for size in SIZES} <= set(data["ratios"])
 

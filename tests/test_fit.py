@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime
 import pydicom
 import torch
 
@@ -22,11 +23,11 @@ def test_fit_leaves_a_bundle_that_monai_bundle_run_and_denoise_use(shared_data, 
     src = shared_data / "phantom_mri_epi_repeats/series/0126.dcm"  # one EPI repeat: 63 frames, real noise
     before = hashlib.sha256(src.read_bytes()).hexdigest()
     run_dir = tmp_path / "my_bundle"
-    assert main(["fit", str(src), str(run_dir), "--preset", "smoke", "--iterations", "2"]) == 0
+    assert main(["fit", str(src), str(run_dir), "--preset", "smoke", "--iterations", "2", "--onnx"]) == 0
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
     assert {p.stem for p in (run_dir / "configs").glob("*.yaml")} == STAGE_CONFIGS
     assert (run_dir / "configs" / "metadata.json").is_file() and (run_dir / "LICENSE").is_file()
-    for name in ("bsn.pt", "diffusion.pt", "model.pt", "diffusion_iter2.pt", "model_iter2.pt", "model.ts"):
+    for name in ("bsn.pt", "diffusion.pt", "model.pt", "diffusion_iter2.pt", "model_iter2.pt", "model.ts", "model.onnx"):
         assert (run_dir / "models" / name).stat().st_size > 0, name
     datalist = json.loads((run_dir / "data" / "datalist_student_iter2.json").read_text())
     assert "clean" not in datalist["training"][0]
@@ -63,6 +64,9 @@ def test_fit_leaves_a_bundle_that_monai_bundle_run_and_denoise_use(shared_data, 
     scripted = torch.jit.load(str(run_dir / "models" / "model.ts"))
     with torch.no_grad():
         np.testing.assert_allclose(scripted(noisy)[0, 0].numpy(), student_out, atol=1e-5)
+    # and so does the ONNX one in ONNX Runtime
+    session = onnxruntime.InferenceSession(str(run_dir / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"image": noisy.numpy()})[0][0, 0], student_out, atol=1e-5)
 
     # and `diffdenoise denoise` uses the bundle (the student, found by default) on a scan
     out = tmp_path / "denoised"

@@ -20,7 +20,7 @@ from diffdenoise.data import load_datalist
 from diffdenoise.denoise import load_model
 from diffdenoise.errors import InputError
 from diffdenoise.metrics import score_datalist
-from diffdenoise.stages import run_stage, stage_parser
+from diffdenoise.stages import run_stage, stage_config_files, stage_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = "bundles/diffdenoise/configs"
@@ -178,3 +178,34 @@ def test_missing_target_is_one_clear_error(trained, tmp_path):
         err = err.__cause__ or err.__context__
     assert err is not None, f"no InputError behind {caught.value!r}"
     assert "student_target_key" in str(err) and "'srds'" in str(err) and not (tmp_path / "models").exists()
+
+
+def test_onnx_export_takes_any_size_and_matches_the_checkpoint_in_onnx_runtime(students):
+    """Two real 384 x 274 slices (not a multiple of NAFNet's 4) through the graph traced on 1 x 64 x 64."""
+    import onnxruntime
+
+    from diffdenoise.export import export_student
+
+    data, roots, _ = students
+    files = stage_config_files("inference", ["presets/smoke"])
+    (onnx_file,) = export_student(files, roots["clean"], ["onnx"])
+    assert onnx_file == roots["clean"] / "models" / "model.onnx" and not list(onnx_file.parent.glob(".partial*"))
+    network = stage_parser("inference", ["presets/smoke"]).get_parsed_content("network_def").eval()
+    network.load_state_dict(torch.load(roots["clean"] / "models" / "model.pt", weights_only=True))
+    batch = np.stack([np.load(i["image"]) for i in load_datalist(data / "datalist.json", "test")[:2]])[:, None]
+    assert batch.shape[2:] == (384, 274)
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = network(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(session.run(None, {"image": batch})[0], expected, atol=1e-5)
+
+
+def test_export_formats_are_checked_before_any_work(tmp_path):
+    from diffdenoise.export import check_formats
+
+    with pytest.raises(InputError, match="torchscript, onnx"):
+        check_formats(["tensorrt"])
+    with pytest.raises(InputError, match="configs/inference.yaml"):
+        from diffdenoise.cli import export
+
+        export(str(tmp_path))
