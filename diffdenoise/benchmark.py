@@ -20,14 +20,18 @@ and ``OUT/figures/<case>.png`` are rebuilt from those files at the end of every 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import csv
 import fnmatch
 import importlib.util
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
+import queue
 import re
 import shlex
 import shutil
@@ -658,6 +662,7 @@ def run_benchmark(
     progress: bool = True,
     callback: Callable[[dict], None] | None = None,
     command: str | None = None,
+    workers: int = 1,
 ) -> Path:
     """Runs datasets x noises x references x methods of a preset, resuming finished pairs, and writes the report.
 
@@ -667,8 +672,10 @@ def run_benchmark(
         out: output folder; rerunning on the same folder resumes.
         datasets, noises, methods, references: lists or comma-separated strings replacing the preset's.
         progress: show a tqdm bar over (case, method) pairs.
-        callback: called with ``{"event": "prepare" | "fit" | "resume" | "skip", "case": ..., "method": ...}``.
+        callback: called with ``{"event": "prepare" | "start" | "fit" | "resume" | "skip", "case": ..., "method": ...}``.
         command: the command line recorded in the report (default: this process's ``sys.argv``).
+        workers: cases run side by side in this many spawned processes, each with the preset's
+            ``torch_threads`` (cases are independent; the costliest go first). 1 runs them in this process.
 
     Returns:
         The path of ``OUT/results.md`` (beside it ``results.csv``; figures in ``OUT/figures``).
@@ -690,21 +697,33 @@ def run_benchmark(
     for name, reason in skipped.items():
         logger.warning("skipping %s: %s", name, reason)
         emit({"event": "skip", "method": name, "reason": reason})
+    _check_workers(workers)
     pairs = sum(runs_on(config, name, case) for case in cases for name in names)
     bar = tqdm(total=pairs, desc="benchmark", unit="run", disable=not progress)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config["torch_threads"] or threads)
+
+    def report(info: dict) -> None:
+        if info["event"] == "start":
+            bar.set_postfix_str(f"{info['case']}: {info['method']}")
+        elif info["event"] in ("fit", "resume"):
+            bar.update()
+        emit(info)
+
+    threads = config["torch_threads"] or torch.get_num_threads()
+    jobs = [(case, names, config, Path(data_root), out / "cases" / case.name) for case in cases]
     try:
-        for case in cases:
-            _run_case(case, names, config, Path(data_root), out / "cases" / case.name, emit, bar)
+        if workers == 1:
+            with _torch_threads(threads):
+                for job in jobs:
+                    _run_case(*job, report)
+        else:
+            _run_cases_in_workers(jobs, workers, threads, report)
     finally:
-        torch.set_num_threads(threads)
         bar.close()
     header = {
         "command": command or shlex.join(sys.argv),
         "commit": _commit(),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-                   f"with {config['torch_threads'] or threads} thread(s)",
+                   f"with {threads} thread(s) in each of {workers} process(es)",
         "preset": f"{config['path']} (bundle preset `{config['bundle_preset']}`, seed {config['seed']}, "
                   f"max_test_slices {config['max_test_slices']})",
         "wall time of this run": f"{time.perf_counter() - started:.0f} s",
@@ -712,10 +731,75 @@ def run_benchmark(
     return write_report(out, cases, names, skipped, header, config["max_test_slices"])
 
 
+def _check_workers(workers) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be a positive integer, got {workers!r}")
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """torch's intra-op thread count set for a block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_cases_in_workers(jobs: Sequence[tuple], workers: int, threads: int, report: Callable[[dict], None]) -> None:
+    """Runs ``_run_case`` for each job in spawned processes; their events come back through a managed queue.
+
+    A managed queue's ``put`` returns only once the event is stored, so every event of a case is here before its
+    future completes. A case that fails stops the run: the cases not yet started are cancelled and the error is
+    raised here once the running ones have finished (each leaves only finished, atomically written results, so a
+    rerun resumes).
+    """
+    context = multiprocessing.get_context("spawn")
+    costliest_first = sorted(jobs, key=lambda job: -sum(runs_on(job[2], name, job[0]) for name in job[1]))
+    with context.Manager() as manager:
+        events = manager.Queue()
+
+        def drain() -> None:
+            while True:
+                try:
+                    report(events.get_nowait())
+                except queue.Empty:
+                    return
+
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                    initargs=(events, threads)) as pool:
+            pending = {pool.submit(_run_case_in_worker, *job) for job in costliest_first}
+            try:
+                while pending:
+                    done, pending = concurrent.futures.wait(pending, timeout=0.5)
+                    drain()
+                    for future in done:
+                        future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            finally:
+                drain()
+
+
+_worker_events = None
+
+
+def _start_worker(events, threads: int) -> None:
+    """Worker-process set-up: the event queue back to the parent and the torch thread count."""
+    global _worker_events
+    _worker_events = events
+    torch.set_num_threads(threads)
+
+
+def _run_case_in_worker(*job) -> None:
+    _run_case(*job, _worker_events.put)
+
+
 def _run_case(case: Case, names: Sequence[str], config: Mapping[str, Any], data_root: Path, case_dir: Path,
-              emit: Callable[[dict], None], bar: tqdm) -> None:
+              emit: Callable[[dict], None]) -> None:
     """Prepares one case if needed, then runs each method that has no stored result with the same fingerprint."""
-    bar.set_postfix_str(f"{case.name}: prepare")
     datalist = case_dir / "data" / "datalist.json"
     if not datalist.is_file():
         prepare_case(case, data_root, case_dir, config["seed"], progress=False)
@@ -729,9 +813,8 @@ def _run_case(case: Case, names: Sequence[str], config: Mapping[str, Any], data_
         fingerprint = _fingerprint(settings, items)
         if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
             emit({"event": "resume", "case": case.name, "method": name})
-            bar.update()
             continue
-        bar.set_postfix_str(f"{case.name}: {name}")
+        emit({"event": "start", "case": case.name, "method": name})
         train = train or [np.load(item["image"]) for item in load_datalist(datalist, "training")]
         record = run_method(name, settings, train, items, case_dir / "work" / name, items[len(items) // 2]["id"])
         figure = record.pop("figure")
@@ -739,7 +822,6 @@ def _run_case(case: Case, names: Sequence[str], config: Mapping[str, Any], data_
         record["fingerprint"] = fingerprint
         _save_atomic(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
         emit({"event": "fit", "case": case.name, "method": name, "seconds": record["fit_seconds"]})
-        bar.update()
 
 
 def _commit() -> str:
@@ -886,19 +968,21 @@ def _case_figure(out: Path, case: Case, names: Sequence[str], labels: Mapping[st
 
 
 def main(preset: str = "smoke", data: str = "../shared/data", out: str = "runs/bench", noise=None, dataset=None,
-         method=None, reference=None, progress: bool = True) -> str:
+         method=None, reference=None, progress: bool = True, workers: int = 1) -> str:
     """``diffdenoise benchmark``: run a preset's datasets x noises x methods; rerun the same OUT to resume.
 
     Example: ``diffdenoise benchmark --preset smoke --data ../shared/data --out runs/bench``;
     ``--noise gaussian,poisson_corr1.2 --dataset studyforrest --method noisy,bm3d,srds --reference full,down2``
-    narrow the preset's lists. A bad preset or selection fails before anything runs, as one ``InputError``
-    naming the preset. Returns the path of ``OUT/results.md``.
+    narrow the preset's lists; ``--workers 2`` runs two cases at a time (one per core at ``torch_threads: 1``).
+    A bad preset, selection or worker count fails before anything runs, as one ``InputError`` naming the preset.
+    Returns the path of ``OUT/results.md``.
     """
     try:
         load_preset(preset, datasets=dataset, noises=noise, methods=method, references=reference)
+        _check_workers(workers)
     except InputError:
         raise
     except ValueError as err:
         raise InputError(preset, str(err)) from None
     return str(run_benchmark(preset, data, out, datasets=dataset, noises=noise, methods=method, references=reference,
-                             progress=progress))
+                             progress=progress, workers=workers))

@@ -104,19 +104,19 @@ def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = No
 
 
 def benchmark(preset: str = "smoke", data: str = "../shared/data", out: str = "runs/bench", noise=None, dataset=None,
-              method=None, reference=None, progress: bool = True) -> str:
+              method=None, reference=None, progress: bool = True, workers: int = 1) -> str:
     """Run every denoiser (baselines, BSN, DiffDenoise SRDS and student, supervised bound) on a preset's cases.
 
     Writes OUT/results.csv, OUT/results.md (mean +- sd PSNR/SSIM, paired Wilcoxon tests) and OUT/figures;
     rerunning the same OUT resumes. --preset smoke|cpu|paper or a YAML file; --dataset, --noise, --method,
-    --reference (comma-separated) narrow its lists. See docs/benchmark.md.
+    --reference (comma-separated) narrow its lists; --workers N runs N cases at a time. See docs/benchmark.md.
 
     Example: diffdenoise benchmark --preset smoke --data ../shared/data --out runs/bench_smoke
     """
     from diffdenoise.benchmark import main as run_benchmark
 
     return run_benchmark(preset, data, out, noise=noise, dataset=dataset, method=method, reference=reference,
-                         progress=progress)
+                         progress=progress, workers=workers)
 
 
 def _input_error(err: BaseException) -> InputError | None:

@@ -279,3 +279,39 @@ def test_losses_line_names_where_diffdenoise_loses():
     assert "noisy input" not in line
     assert "highest" in losses_line(_scores(srds=base + 2.0, bm3d=base + 1.0, noisy=base), kinds, labels)
     assert losses_line(_scores(bm3d=base, noisy=base), kinds, labels) is None
+
+
+def test_workers_run_cases_side_by_side_with_the_same_scores(shared_data, tmp_path):
+    preset = tmp_path / "two_cases.yaml"
+    preset.write_text(json.dumps({"bundle_preset": "smoke", "max_test_slices": 3, "datasets": ["studyforrest"],
+                                  "noises": ["gaussian"], "references": ["down2", "strong"], "methods": ["noisy", "tv"]}))
+    scores = {}
+    for workers in (1, 2):
+        events = []
+        out = tmp_path / f"workers{workers}"
+        report = run_benchmark(preset, shared_data, out, progress=False, callback=events.append, workers=workers)
+        fitted = {(e["case"], e["method"]) for e in events if e["event"] == "fit"}
+        assert fitted == {(case, method) for case in ("studyforrest-gaussian-down2", "studyforrest-gaussian-strong")
+                          for method in ("noisy", "tv")}
+        assert f"in each of {workers} process(es)" in report.read_text()
+        scores[workers] = {path.relative_to(out).as_posix(): json.loads(path.read_text())["psnr"]
+                           for path in sorted(out.glob("cases/*/*.json"))}
+    assert scores[1] == scores[2] and len(scores[2]) == 4
+
+
+def test_a_failing_case_in_a_worker_stops_the_run_and_keeps_finished_results(shared_data, tmp_path):
+    preset = tmp_path / "failing.yaml"
+    preset.write_text(json.dumps({"bundle_preset": "smoke", "max_test_slices": 3, "datasets": ["studyforrest"],
+                                  "noises": ["gaussian"], "references": ["down2", "strong"], "methods": ["noisy", "tv"],
+                                  "method_settings": {"tv": {"no_such_knob": 1}}}))
+    with pytest.raises(TypeError, match="no_such_knob"):
+        run_benchmark(preset, shared_data, tmp_path / "out", progress=False, workers=2)
+    assert sorted(p.name for p in (tmp_path / "out").glob("cases/*/*.json")) == ["noisy.json", "noisy.json"]
+    assert not (tmp_path / "out" / "results.md").exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "two"])
+def test_bad_worker_count_fails_before_anything_runs(workers, tmp_path, capsys):
+    assert cli.main(["benchmark", "--preset", "smoke", "--out", str(tmp_path / "out"), "--workers", workers]) == 2
+    assert "--workers must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
