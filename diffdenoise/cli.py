@@ -84,14 +84,16 @@ def export(run_dir: str, formats: tuple = ("onnx",)) -> str:
 
 def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = None, device: str | None = None,
             overwrite: bool = False, series: str | None = None, config: tuple = (), modality: str | None = None,
-            ct_window: tuple = (-100.0, 200.0), batch_size: int = 8) -> str:
+            ct_window: tuple = (-100.0, 200.0), batch_size: int = 8, precision: str = "auto",
+            compile: bool = False) -> str:
     """Denoise DICOM series/files, NIfTI, PNG or TIFF (or a folder of them) with a trained bundle.
 
     Writes OUT/<name> in the input's format (a DICOM series becomes a derived series) and OUT/<name>.json.
     --bundle DIR holds configs/*.yaml and models/*.pt (default: the shipped bundles/diffdenoise); --mode
     bsn|student|srds (default student if models/model.pt exists, else bsn); --config the overlays the model
     was trained with (paths or names such as presets/cpu); --series one SeriesInstanceUID; --modality and
-    --ct_window as given to prepare.
+    --ct_window as given to prepare. The GPU fast path: --precision auto|float32|bfloat16 (auto: bf16 autocast
+    on a GPU, float32 on a CPU), --compile (torch.compile), channels_last on a GPU.
 
     Example: diffdenoise denoise ../shared/data/head_ct_ge/series runs/denoised/head_ct --bundle runs/bundle --config presets/cpu
     """
@@ -100,7 +102,8 @@ def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = No
     config = [config] if isinstance(config, str) else list(config)
     return str(denoise_folder(src, out, bundle=bundle, mode=mode, device=device, overwrite=overwrite,
                               series=None if series is None else str(series), config=config, modality=modality,
-                              ct_window=tuple(ct_window), batch_size=batch_size))
+                              ct_window=tuple(ct_window), batch_size=batch_size, precision=precision,
+                              compile=compile))
 
 
 def benchmark(preset: str = "smoke", data: str = "../shared/data", out: str = "runs/bench", noise=None, dataset=None,

@@ -40,6 +40,9 @@ CASES = {
     "gaussian_6_corr1.2_bs9_down2": ({"noise": "gaussian", "level": 6 / 255, "correlation": 1.2, "downsample": 2},
                                      "noise/correlated"),
     "gaussian_15_iid_bs1": ({"noise": "gaussian", "level": 15 / 255}, "noise/iid"),
+    # i.i.d. noise, 9x9 blind spot: a coarser x_c whose value near a pixel depends less on that pixel's noise, the
+    # "larger blind spot for the condition only" remedy for the diffusion stage's leak (scripts/results_srds.py)
+    "gaussian_6_iid_bs9": ({"noise": "gaussian", "level": 6 / 255}, "noise/correlated"),
     "gaussian_15_corr1.2_bs1": ({"noise": "gaussian", "level": 15 / 255, "correlation": 1.2}, "noise/iid"),
     "gaussian_15_corr1.2_bs9": ({"noise": "gaussian", "level": 15 / 255, "correlation": 1.2}, "noise/correlated"),
 }

@@ -13,7 +13,7 @@ clean slices:
   regenerates the input's actual noise scores near 1; a denoiser near 0.
 
 Scoring runs on the centre ``--crop`` pixels of each test slice (the brain; full slices cost minutes per
-snapshot on a CPU). Writes OUT/curve.json and prints markdown tables.
+snapshot on a CPU), with ``sample_srds.yaml``'s x0 clamp (``srds_clip_x0``; ``--srds_clip_x0 None`` turns it off). Writes OUT/curve.json and prints markdown tables.
 
 Usage: python scripts/results_srds.py DATASET_DIR --out runs/results_srds --preset cpu [--iterations 3000]
        [--snapshot_every 500] [--crop 128] [--steps 20] [--key value ...config overrides]
@@ -61,14 +61,14 @@ def train_with_snapshots(parser, out: Path, every: int) -> list[Path]:
     return snapshots
 
 
-def score_snapshot(parser, snapshot: Path, items: list[dict], crop: int, steps: int) -> dict:
+def score_snapshot(parser, snapshot: Path, items: list[dict], crop: int, steps: int, clip_x0) -> dict:
     """Every method's PSNR/SSIM per slice, the leak correlations, and seconds per slice for SRDS."""
     network = parser.get_parsed_content("diffusion_def")
     network.load_state_dict(torch.load(snapshot, map_location="cpu", weights_only=True))
     network = network.to(parser.get_parsed_content("device")).eval()
     scheduler = parser.get_parsed_content("noise_scheduler")
     common = {"scheduler": scheduler, "num_inference_steps": steps, "target": parser["diffusion_target"],
-              "residual_scale": parser["residual_scale"], "seed": 0}
+              "residual_scale": parser["residual_scale"], "seed": 0, "clip_x0": clip_x0}
     samplers = {"srds": SRDSInferer(**common), "independent": SRDSInferer(**common, symmetric=False),
                 "srds_k4": SRDSInferer(**common, num_pairs=4)}
     single = SRDSInferer(**common)
@@ -112,6 +112,7 @@ def main(dataset: str, out: str = "runs/results_srds", preset: str = "cpu", iter
     keys = {"dataset_dir": str(dataset), "bundle_root": str(out / "bundle"), "epoch_length": snapshot_every,
             "max_epochs": iterations // snapshot_every, **overrides}
     parser = stage_parser("train_diffusion", [f"presets/{preset}"], **keys)
+    clip_x0 = stage_parser("sample_srds", [f"presets/{preset}"], **keys)["srds_clip_x0"]  # the sampler's default
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     t0 = time.perf_counter()
     if not score_only:
@@ -122,13 +123,13 @@ def main(dataset: str, out: str = "runs/results_srds", preset: str = "cpu", iter
     curve = {}
     for snapshot in sorted(out.glob("diffusion_*.pt")):
         iteration = int(snapshot.stem.split("_")[1])
-        curve[iteration] = score_snapshot(parser, snapshot, items, crop, steps)
+        curve[iteration] = score_snapshot(parser, snapshot, items, crop, steps, clip_x0)
         row = {m: round(float(np.mean(v["psnr"])), 2) for m, v in curve[iteration].items()
                if isinstance(v, dict) and "psnr" in v}
         leak = {k: round(float(np.mean(v)), 2) for k, v in curve[iteration]["leak"].items()}
         print(iteration, row, leak, flush=True)
     meta = {"dataset": str(dataset), "preset": preset, "overrides": overrides, "commit": commit, "crop": crop,
-            "steps": steps, "train_seconds": train_seconds}
+            "steps": steps, "clip_x0": clip_x0, "train_seconds": train_seconds}
     (out / "curve.json").write_text(json.dumps({"meta": meta, "curve": curve}, indent=1))
     header = "| iterations | " + " | ".join(m for m in METHODS) + " | leak r(out - x_c, x' - x_c) SRDS / single |"
     rows = [header, "|" + "---|" * (len(METHODS) + 2)]

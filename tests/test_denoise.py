@@ -389,3 +389,18 @@ def test_torchrun_writes_nothing_when_one_rank_fails(shared_data, bundle, tmp_pa
     log = done.stdout + done.stderr
     assert done.returncode != 0 and "zz_truncated.dcm" in log and "another process of the torchrun launch" in log
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_bf16_autocast_and_compile_denoise_like_float32(noisy_series, bundle):
+    path, overlay = bundle
+    (volume,) = read_volumes(noisy_series[0])
+    slices = normalise(volume.array, "mri")[:2]
+    model = load_model(path, "bsn", "cpu", [str(overlay)])
+    assert model.precision == "float32"  # auto on a CPU
+    reference = model(slices)
+    bf16 = load_model(path, "bsn", "cpu", [str(overlay)], precision="bfloat16")(slices)
+    difference = np.abs(bf16 - reference)
+    assert 0 < difference.max() < 0.05 and difference.mean() < 2e-3, (difference.max(), difference.mean())
+    compiled = load_model(path, "bsn", "cpu", [str(overlay)], compile=True)
+    assert isinstance(compiled.network, torch._dynamo.eval_frame.OptimizedModule)
+    np.testing.assert_allclose(compiled(slices), reference, atol=1e-4)

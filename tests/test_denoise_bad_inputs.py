@@ -106,6 +106,10 @@ CASES = {
         lambda tmp, b: (_noisy_png(tmp), tmp / "out", {"--mode": "bm3d"}),
         r"--mode: 'bm3d' is not one of bsn, student, srds",
     ),
+    "unknown-precision": (
+        lambda tmp, b: (_noisy_png(tmp), tmp / "out", {"--precision": "fp8"}),
+        r"--precision: 'fp8' is not one of auto, float32, bfloat16",
+    ),
     "missing-overlay": (
         lambda tmp, b: (_noisy_png(tmp), tmp / "out", {"--config": "presets/tiny"}),
         r"presets/tiny: no such config file, and overlay 'presets/tiny' not found",
@@ -130,7 +134,7 @@ def test_bad_input_is_one_line_exit_2_no_output_untouched_input(bundle, tmp_path
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("diffdenoise: error: "), err
     assert re.search(problem, err), err
-    at_fault = [str(p) for p in (src, out, bundle[0], *options.values())] + ["--mode"]
+    at_fault = [str(p) for p in (src, out, bundle[0], *options.values())] + ["--mode", "--precision"]
     assert any(err.startswith(f"diffdenoise: error: {p}: ") for p in at_fault), err  # names the path at fault
     assert (digest(src) if src.exists() else {}) == before_in
     assert (digest(out) if out.exists() else None) == before_out
