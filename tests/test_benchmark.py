@@ -80,6 +80,18 @@ def test_report_has_one_row_per_method_with_mean_and_sd(smoke):
     assert all(f"skipped {name}:" in text for name in skipped)
 
 
+def test_cost_counts_each_shared_pipeline_step_once(smoke):
+    out, report, _ = smoke
+    case_dir = out / "cases" / CASE
+    records = [json.loads(path.read_text()) for path in case_dir.glob("*.json")]
+    steps = json.loads((case_dir / "work" / "pipeline" / "state.json").read_text())["seconds"]
+    expected = sum(steps.values()) + sum(r["denoise_seconds_per_slice"] * len(r["slices"]) for r in records) + sum(
+        r["fit_seconds"] for r in records if r["method"] not in PIPELINE_METHODS)
+    row = re.search(rf"^\| {CASE} \| (\d+) \| (\d+) \|$", report.read_text(), re.M)
+    assert row, "no cost row for the case"
+    assert int(row.group(1)) == round(expected)
+
+
 def test_csv_has_one_row_per_case_method_and_slice(smoke):
     out, _, _ = smoke
     with open(out / "results.csv", newline="") as f:
