@@ -5,6 +5,7 @@ ranks train their own shard, only rank 0 logs and writes, the checkpoint loads i
 network the later stages build, and the training loss falls from its first value.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -30,10 +31,11 @@ def torchrun(stage, data, bundle_root):
            "-m", "monai.bundle", "run", "--config_file", str(files), "--dataset_dir", str(data),
            "--bundle_root", str(bundle_root), "--device", "cpu", "--max_epochs", str(MAX_EPOCHS),
            "--epoch_length", str(EPOCH_LENGTH), "--resume_interval", str(EPOCH_LENGTH)]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
-    return log
+    # a rank that dies on a signal prints its Python stack (faulthandler), so a failure says where it died
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-5000:]}"
+    return done.stdout + done.stderr
 
 
 def check_ranks_and_loss(log, bundle_root):
