@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from diffdenoise.distributed import leave_process_group
 from diffdenoise.stages import run_stage, stage_config_files, stage_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,3 +97,12 @@ def test_diffusion_on_two_processes(trained, tmp_path):
     out = network(torch.zeros(1, 2, 32, 32), timesteps=torch.tensor([10]))
     assert out.shape == (1, 1, 32, 32) and torch.isfinite(out).all()
 
+
+
+def test_leave_process_group_frees_the_ddp_reducer_and_the_group(tmp_path):
+    """The overlay's finalize: a DDP wrapper keeps no hold on the group that interpreter exit would have to free."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+    leave_process_group(ddp)
+    assert not torch.distributed.is_initialized()
+    assert not hasattr(ddp, "reducer")
