@@ -98,7 +98,6 @@ def test_diffusion_on_two_processes(trained, tmp_path):
     assert out.shape == (1, 1, 32, 32) and torch.isfinite(out).all()
 
 
-
 def test_leave_process_group_frees_the_ddp_reducer_and_the_group(tmp_path):
     """The overlay's finalize: a DDP wrapper keeps no hold on the group that interpreter exit would have to free."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
