@@ -16,7 +16,7 @@ Scoring runs on the centre ``--crop`` pixels of each test slice (the brain; full
 snapshot on a CPU), with ``sample_srds.yaml``'s x0 clamp (``srds_clip_x0``; ``--srds_clip_x0 None`` turns it off). Writes OUT/curve.json and prints markdown tables.
 
 Usage: python scripts/results_srds.py DATASET_DIR --out runs/results_srds --preset cpu [--iterations 3000]
-       [--snapshot_every 500] [--crop 128] [--steps 20] [--key value ...config overrides]
+       [--snapshot_every 500] [--crop 128] [--steps 20] [--max_seconds S] [--key value ...config overrides]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import fire
 import numpy as np
 import torch
 from ignite.engine import Events
+from ignite.handlers import TimeLimit
 
 from diffdenoise.data import load_datalist
 from diffdenoise.inferers import SRDSInferer
@@ -45,8 +46,9 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top:top + size, left:left + size]
 
 
-def train_with_snapshots(parser, out: Path, every: int) -> list[Path]:
-    """Runs the stage's trainer, saving the EMA weights every ``every`` iterations (and at the end)."""
+def train_with_snapshots(parser, out: Path, every: int, max_seconds: int | None = None) -> list[Path]:
+    """Runs the stage's trainer, saving the EMA weights every ``every`` iterations; with ``max_seconds``, stops
+    at the first snapshot past that wall-clock budget (a leased GPU's time is fixed, its speed not known ahead)."""
     trainer, ema = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("ema")
     snapshots: list[Path] = []
 
@@ -56,6 +58,8 @@ def train_with_snapshots(parser, out: Path, every: int) -> list[Path]:
         snapshots.append(path)
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), save)
+    if max_seconds is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), TimeLimit(max_seconds))
     parser.get_parsed_content("initialize")
     trainer.run()
     return snapshots
@@ -105,8 +109,10 @@ def score_snapshot(parser, snapshot: Path, items: list[dict], crop: int, steps: 
 
 
 def main(dataset: str, out: str = "runs/results_srds", preset: str = "cpu", iterations: int = 3000,
-         snapshot_every: int = 500, crop: int = 128, steps: int = 20, score_only: bool = False, **overrides):
-    """Train (unless ``score_only``), score every snapshot in OUT, write OUT/curve.json, print the tables."""
+         snapshot_every: int = 500, crop: int = 128, steps: int = 20, score_only: bool = False,
+         max_seconds: int | None = None, **overrides):
+    """Train (unless ``score_only``; at most ``max_seconds`` when given), score every snapshot in OUT, write
+    OUT/curve.json, print the tables."""
     dataset, out = Path(dataset), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     keys = {"dataset_dir": str(dataset), "bundle_root": str(out / "bundle"), "epoch_length": snapshot_every,
@@ -116,7 +122,7 @@ def main(dataset: str, out: str = "runs/results_srds", preset: str = "cpu", iter
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     t0 = time.perf_counter()
     if not score_only:
-        train_with_snapshots(parser, out, snapshot_every)
+        train_with_snapshots(parser, out, snapshot_every, max_seconds)
     train_seconds = time.perf_counter() - t0
     posterior = dataset / "datalist_bsn_posterior.json"
     items = load_datalist(posterior if posterior.is_file() else dataset / "datalist_bsn.json", "test")
@@ -129,7 +135,8 @@ def main(dataset: str, out: str = "runs/results_srds", preset: str = "cpu", iter
         leak = {k: round(float(np.mean(v)), 2) for k, v in curve[iteration]["leak"].items()}
         print(iteration, row, leak, flush=True)
     meta = {"dataset": str(dataset), "preset": preset, "overrides": overrides, "commit": commit, "crop": crop,
-            "steps": steps, "clip_x0": clip_x0, "train_seconds": train_seconds}
+            "steps": steps, "clip_x0": clip_x0, "train_seconds": train_seconds, "max_seconds": max_seconds,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     (out / "curve.json").write_text(json.dumps({"meta": meta, "curve": curve}, indent=1))
     header = "| iterations | " + " | ".join(m for m in METHODS) + " | leak r(out - x_c, x' - x_c) SRDS / single |"
     rows = [header, "|" + "---|" * (len(METHODS) + 2)]
