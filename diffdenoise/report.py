@@ -182,6 +182,19 @@ def save_visual_grid(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    _save_palette_png(fig, path)
     plt.close(fig)
     return path
+
+
+def _save_palette_png(fig, path: Path) -> None:
+    """Saves the figure as a 256-colour PNG: grey slices and one colour map fit a palette, and the file is about
+    a third of matplotlib's RGBA one (1.5 MB -> 0.54 MB for a docs grid), small enough to commit."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors=256).save(path, optimize=True)

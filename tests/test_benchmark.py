@@ -102,9 +102,14 @@ def test_csv_has_one_row_per_case_method_and_slice(smoke):
     assert all(np.isfinite(float(r["psnr"])) and 0 <= float(r["ssim"]) <= 1 for r in rows)
 
 
-def test_visual_grid_is_written(smoke):
+def test_visual_grid_is_written_as_a_palette_png(smoke):
+    from PIL import Image
+
     out, _, _ = smoke
-    assert (out / "figures" / f"{CASE}.png").stat().st_size > 20_000
+    figure = out / "figures" / f"{CASE}.png"
+    assert figure.stat().st_size > 20_000
+    with Image.open(figure) as image:
+        assert image.mode == "P" and len(image.getcolors(256)) > 16  # grey slices and a colour map, in 256 colours
 
 
 def test_rerun_resumes_without_refitting_and_writes_identical_tables(smoke, shared_data):
