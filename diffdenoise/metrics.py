@@ -48,6 +48,18 @@ def noise_leak(output, noisy, reference) -> float:
     return float(a @ b / np.sqrt((a @ a) * (b @ b) + 1e-20))
 
 
+def input_shrinkage(output, noisy, reference) -> tuple[float, np.ndarray]:
+    """The slope a of (output - reference) on (noisy - reference), least squares, and reference + a (noisy - reference).
+
+    The leak's counterfactual: the image an output would be if it only kept the fraction a of the input's residual.
+    An output scoring above it adds detail beyond copying the input; one scoring below adds error.
+    """
+    output, noisy, reference = (np.asarray(v, dtype=np.float64) for v in (output, noisy, reference))
+    a, b = (output - reference).ravel(), (noisy - reference).ravel()
+    slope = float(a @ b / (b @ b + 1e-20))
+    return slope, reference + slope * (noisy - reference)
+
+
 def score_datalist(
     datalist_path: str | os.PathLike, keys: Sequence[str], split: str = "test", reference: str = "clean"
 ) -> dict[str, dict[str, np.ndarray]]:

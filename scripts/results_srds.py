@@ -10,7 +10,10 @@ clean slices:
   independent noises; ``srds``: the mean of the eps and -eps samples (paper eq. 4); ``srds_k4``: 4 pairs;
 - the leak diagnostic: correlation of the output's residual (out - x_c) with the input's noise residual
   (x' - x_c), and of the output's error (out - clean) with the true noise (x' - clean). A model that
-  regenerates the input's actual noise scores near 1; a denoiser near 0.
+  regenerates the input's actual noise scores near 1; a denoiser near 0;
+- ``srds_shrinkage``: x_c + a (x' - x_c), with a the slope of SRDS's residual on the input's (reported as
+  ``srds_slope_on_input_residual``). It is what SRDS would score if its leak were all it did. SRDS above it puts
+  back detail beyond the copied share of the input; below it, it adds error.
 
 Scoring runs on the centre ``--crop`` pixels of each test slice (the brain; full slices cost minutes per
 snapshot on a CPU), with ``sample_srds.yaml``'s x0 clamp (``srds_clip_x0``; ``--srds_clip_x0 None`` turns it off). Writes OUT/curve.json and prints markdown tables.
@@ -34,10 +37,10 @@ from ignite.handlers import TimeLimit
 
 from diffdenoise.data import load_datalist
 from diffdenoise.inferers import SRDSInferer
-from diffdenoise.metrics import noise_leak, psnr, ssim
+from diffdenoise.metrics import input_shrinkage, noise_leak, psnr, ssim
 from diffdenoise.stages import stage_parser
 
-METHODS = ("noisy", "bsn", "bsn_posterior", "single", "independent", "srds", "srds_k4")
+METHODS = ("noisy", "bsn", "bsn_posterior", "single", "independent", "srds", "srds_k4", "srds_shrinkage")
 
 
 def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -78,7 +81,7 @@ def score_snapshot(parser, snapshot: Path, items: list[dict], crop: int, steps: 
     single = SRDSInferer(**common)
     result = {m: {"psnr": [], "ssim": []} for m in METHODS}
     result["leak"] = {"srds_vs_input_residual": [], "srds_vs_true_noise": [], "single_vs_input_residual": [],
-                      "single_vs_true_noise": []}
+                      "single_vs_true_noise": [], "srds_slope_on_input_residual": []}
     seconds = []
     device = next(network.parameters()).device
     for item in items:
@@ -96,6 +99,8 @@ def score_snapshot(parser, snapshot: Path, items: list[dict], crop: int, steps: 
                 if name == "srds":
                     seconds.append(time.perf_counter() - t0)
         clean, noisy, x_c = arrays["clean"], arrays["image"], arrays["bsn"]
+        slope, outputs["srds_shrinkage"] = input_shrinkage(outputs["srds"], noisy, x_c)
+        result["leak"]["srds_slope_on_input_residual"].append(slope)
         for name, out in outputs.items():
             if out is not None:
                 result[name]["psnr"].append(psnr(out, clean))
