@@ -71,3 +71,29 @@ def test_sample_srds_writes_pseudo_targets_and_denoise_mode_srds_computes_its_ow
     model = load_model(bundle_root, mode="srds", device="cpu", config=["presets/smoke"])
     out = model(np.load(items["test"][0]["image"])[None, :64, :62])
     assert out.shape == (1, 64, 62) and np.isfinite(out).all()
+
+
+def test_ema_warm_up_drops_the_initial_weights_that_a_plain_ema_keeps():
+    """With EMA momentum 0.001 a short run's average keeps (1 - 0.001)^n of the random initial weights (30% after
+    1200 iterations, docs/results.md); the config's optional warm-up removes them."""
+    from ignite.engine import Engine
+
+    from diffdenoise.stages import stage_parser
+
+    def ema_after(iterations, **warm_up):
+        parser = stage_parser("train_diffusion", ["presets/smoke"], network="$torch.nn.Linear(1, 1, bias=False)",
+                              **warm_up)
+        network, ema = parser.get_parsed_content("network"), parser.get_parsed_content("ema")
+        torch.nn.init.zeros_(network.weight)
+        ema.ema_model.load_state_dict(network.state_dict())
+
+        def step(engine, batch):  # training moves the weight from 0 to 1 at once
+            torch.nn.init.ones_(network.weight)
+
+        engine = Engine(step)
+        ema.attach(engine)
+        engine.run(range(iterations), max_epochs=1)
+        return float(ema.ema_model.weight)
+
+    assert abs(ema_after(100) - (1 - 0.999**100)) < 1e-4  # about 0.095: mostly the initial weight
+    assert ema_after(100, ema_momentum_warmup=0.5, ema_warmup_iters=50) > 0.999
