@@ -42,8 +42,7 @@ def noise_leak(output, noisy, reference) -> float:
     regenerates the input's own noise (near 1) instead of removing it (near 0); with the clean image it
     measures the same against the true noise.
     """
-    a = np.asarray(output, dtype=np.float64).ravel() - np.asarray(reference, dtype=np.float64).ravel()
-    b = np.asarray(noisy, dtype=np.float64).ravel() - np.asarray(reference, dtype=np.float64).ravel()
+    a, b = _residuals(output, noisy, reference)
     a, b = a - a.mean(), b - b.mean()
     return float(a @ b / np.sqrt((a @ a) * (b @ b) + 1e-20))
 
@@ -54,10 +53,16 @@ def input_shrinkage(output, noisy, reference) -> tuple[float, np.ndarray]:
     The leak's counterfactual: the image an output would be if it only kept the fraction a of the input's residual.
     An output scoring above it adds detail beyond copying the input; one scoring below adds error.
     """
-    output, noisy, reference = (np.asarray(v, dtype=np.float64) for v in (output, noisy, reference))
-    a, b = (output - reference).ravel(), (noisy - reference).ravel()
+    a, b = _residuals(output, noisy, reference)
     slope = float(a @ b / (b @ b + 1e-20))
-    return slope, reference + slope * (noisy - reference)
+    reference = np.asarray(reference, dtype=np.float64)
+    return slope, reference + slope * (np.asarray(noisy, dtype=np.float64) - reference)
+
+
+def _residuals(output, noisy, reference) -> tuple[np.ndarray, np.ndarray]:
+    """(output - reference) and (noisy - reference), flat and in float64: what both leak measures compare."""
+    output, noisy, reference = (np.asarray(v, dtype=np.float64).ravel() for v in (output, noisy, reference))
+    return output - reference, noisy - reference
 
 
 def score_datalist(

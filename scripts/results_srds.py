@@ -49,23 +49,19 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top:top + size, left:left + size]
 
 
-def train_with_snapshots(parser, out: Path, every: int, max_seconds: int | None = None) -> list[Path]:
+def train_with_snapshots(parser, out: Path, every: int, max_seconds: int | None = None) -> None:
     """Runs the stage's trainer, saving the EMA weights every ``every`` iterations; with ``max_seconds``, stops
     at the first snapshot past that wall-clock budget (a leased GPU's time is fixed, its speed not known ahead)."""
     trainer, ema = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("ema")
-    snapshots: list[Path] = []
 
     def save(engine):
-        path = out / f"diffusion_{engine.state.iteration:06d}.pt"
-        torch.save(ema.ema_model.state_dict(), path)
-        snapshots.append(path)
+        torch.save(ema.ema_model.state_dict(), out / f"diffusion_{engine.state.iteration:06d}.pt")
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), save)
     if max_seconds is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), TimeLimit(max_seconds))
     parser.get_parsed_content("initialize")
     trainer.run()
-    return snapshots
 
 
 def score_snapshot(parser, snapshot: Path, items: list[dict], crop: int, steps: int, clip_x0) -> dict:
