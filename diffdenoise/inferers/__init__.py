@@ -3,3 +3,4 @@
 from .blind_spot import BlindSpotInferer
 from .posterior import PosteriorReinjection
 from .srds import SRDSInferer
+from .tweedie import AntitheticTweedieInferer, RecorruptedX0Inferer
