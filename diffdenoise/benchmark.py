@@ -60,9 +60,9 @@ from diffdenoise.baselines import (
 )
 from diffdenoise.data import SPLITS, load_datalist, prepare
 from diffdenoise.errors import InputError
-from diffdenoise.metrics import psnr, ssim
+from diffdenoise.metrics import noise_leak, psnr, ssim
 from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS
-from diffdenoise.pipeline import Step, pipeline_steps, stage_keys
+from diffdenoise.pipeline import Step, method_overlay, pipeline_steps, stage_keys
 from diffdenoise.report import paired_best, save_visual_grid, significance_table
 from diffdenoise.stages import overlay_path, run_stage, stage_parser
 
@@ -77,11 +77,11 @@ _NOISE_NAME = re.compile(rf"^({'|'.join(NOISE_MODELS)})(?:_corr(\d+(?:\.\d+)?))?
 _PRESET_KEYS = {"bundle_preset", "seed", "max_test_slices", "torch_threads", "datasets", "noises", "references",
                 "methods", "method_settings", "pipeline_settings", "method_cases", "strong_levels"}
 # methods read from one DiffDenoise pipeline run per case, so stage 1 is trained once, not three times
-PIPELINE_METHODS = ("bsn", "srds", "student", "student_iter2", "student_iter3")
+PIPELINE_METHODS = ("bsn", "srds", "student", "student_iter2", "student_iter3", "tweedie", "student_leak_free")
 # the student iterations the benchmark offers (paper Table 4)
 ITERATIONS = 3
 _CSV_COLUMNS = ("case", "dataset", "noise", "level", "correlation", "reference", "method", "kind", "slice", "psnr",
-                "ssim")
+                "ssim", "leak")
 
 
 @dataclass(frozen=True)
@@ -255,9 +255,10 @@ class Fitted:
     cpu_seconds: float
 
 
-def _overlays(settings: FitSettings) -> list[str]:
-    """The bundle overlays of every bundle stage of a case: the preset's sizes, the blind spot for its noise."""
-    return [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation)]
+def _overlays(settings: FitSettings, method: str = "paper") -> list[str]:
+    """The bundle overlays of every bundle stage of a case: the preset's sizes, the blind spot for its noise, and
+    the diffusion method (``configs/method``)."""
+    return [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation), method_overlay(method)]
 
 
 def _bundle_denoiser(stage: str, overlays: Sequence[str], keys: Mapping[str, Any], inferer_key: str) -> Denoiser:
@@ -297,8 +298,8 @@ def _fitting_crop(overlays: Sequence[str], keys: Mapping[str, Any], datalist: Pa
     return {"roi_size": [side // step * step] * 2}
 
 
-def _pipeline(settings: FitSettings, upto: str) -> tuple[dict, dict]:
-    """The case's DiffDenoise run, one per case, carried up to the step ``upto`` (a ``Step.name``).
+def _pipeline(settings: FitSettings, upto: str, method: str = "paper") -> tuple[dict, dict]:
+    """The case's DiffDenoise run, one per case and diffusion method, carried up to the step ``upto``.
 
     The configs run in ``<case>/work/pipeline`` on ``data/datalist.json`` there: the case's training and
     validation slices, noisy only, and no test split, so no stage can read a clean slice nor spends time on
@@ -313,8 +314,8 @@ def _pipeline(settings: FitSettings, upto: str) -> tuple[dict, dict]:
     Returns:
         The config keys (the run's ``dataset_dir`` and ``bundle_root`` included) and the state record.
     """
-    root = settings.dataset_dir.parent / "work" / "pipeline"
-    overlays = _overlays(settings)
+    root = settings.dataset_dir.parent / "work" / ("pipeline" if method == "paper" else f"pipeline_{method}")
+    overlays = _overlays(settings, method)
     data = root / "data"
     keys = {"dataset_dir": str(data), "bundle_root": str(root / "bundle"), **stage_keys(data), "seed": settings.seed,
             **_noise_keys(settings.case), **settings.options}
@@ -341,17 +342,17 @@ def _pipeline(settings: FitSettings, upto: str) -> tuple[dict, dict]:
     return keys, state
 
 
-def _fit_stage(upto: str, denoiser: str, inferer_key: str) -> Callable:
-    """A method needing the case's pipeline run up to the step ``upto``: its fit cost is every step up to it,
-    whichever method ran them; it denoises with the network and ``inferer_key`` of the step ``denoiser``'s
-    config (``Step.name``: a config, ``@<k>`` for iteration k)."""
+def _fit_stage(upto: str, denoiser: str, inferer_key: str, method: str = "paper") -> Callable:
+    """A method needing the case's pipeline run (of the diffusion ``method``) up to the step ``upto``: its fit
+    cost is every step up to it, whichever method ran them; it denoises with the network and ``inferer_key`` of
+    the step ``denoiser``'s config (``Step.name``: a config, ``@<k>`` for iteration k)."""
 
     def fit(train_noisy, workdir, settings) -> Fitted:
-        keys, state = _pipeline(settings, upto)
+        keys, state = _pipeline(settings, upto, method)
         steps = pipeline_steps(Path(keys["dataset_dir"]), ITERATIONS)
         needed = [step.name for step in _steps_upto(steps, upto)]
         step = next(step for step in steps if step.name == denoiser)
-        return Fitted(_bundle_denoiser(step.config, [*_overlays(settings), *step.overlays], {**keys, **step.keys},
+        return Fitted(_bundle_denoiser(step.config, [*_overlays(settings, method), *step.overlays], {**keys, **step.keys},
                                        inferer_key),
                       sum(state["seconds"][n] for n in needed), sum(state["cpu_seconds"][n] for n in needed))
 
@@ -387,6 +388,10 @@ METHODS: dict[str, Method] = {
                             _fit_stage("train_student@2", "inference@2", "inferer")),
     "student_iter3": Method("DiffDenoise student, iteration 3", "diffdenoise",
                             _fit_stage("train_student@3", "inference@3", "inferer")),
+    "tweedie": Method("DiffDenoise leak-free, antithetic Tweedie (stages 1-3)", "diffdenoise",
+                      _fit_stage("train_diffusion", "sample_srds", "srds_inferer", "leak_free")),
+    "student_leak_free": Method("DiffDenoise leak-free student (stage 4)", "diffdenoise",
+                                _fit_stage("train_student", "inference", "inferer", "leak_free")),
     "supervised": Method("supervised NAFNet (clean pairs)", "supervised", _fit_supervised),
 }
 
@@ -627,7 +632,7 @@ def run_method(name: str, settings: FitSettings, train: list[np.ndarray], items:
     if isinstance(denoiser, Fitted):
         denoiser, fit_seconds, fit_cpu_seconds = denoiser.denoise, denoiser.seconds, denoiser.cpu_seconds
     record = {"case": settings.case.name, "method": name, "label": method.label, "kind": method.kind,
-              "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu_seconds, "slices": [], "psnr": [], "ssim": []}
+              "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu_seconds, "slices": [], "psnr": [], "ssim": [], "leak": []}
     seconds = cpu_seconds = 0.0
     for item in items:
         noisy = np.load(item["image"])
@@ -644,6 +649,7 @@ def run_method(name: str, settings: FitSettings, train: list[np.ndarray], items:
         record["slices"].append(item["id"])
         record["psnr"].append(psnr(out, reference))
         record["ssim"].append(ssim(out, reference))
+        record["leak"].append(noise_leak(out, noisy, reference))
         if item["id"] == figure_slice:
             record["figure"] = out
     record["denoise_seconds_per_slice"] = seconds / max(len(items), 1)
@@ -689,7 +695,7 @@ def run_benchmark(
     """
     started = time.perf_counter()
     config = load_preset(preset, datasets=datasets, noises=noises, methods=methods, references=references)
-    out = Path(out)
+    out = Path(out).absolute()  # datalists hold paths relative to their own folder
     cases = build_cases(config)
     emit = callback or (lambda info: None)
     skipped = {name: reason for name in config["methods"] if (reason := METHODS[name].missing())}
@@ -875,21 +881,22 @@ def _best_note(scores: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[s
 
 
 def _summary(records: Mapping[tuple[str, str], dict], cases: Sequence[Case], names: Sequence[str],
-             labels: Mapping[str, str], metric: str, digits: int) -> str:
-    """One row per case, one column per method: the mean score, best marked as in the case tables."""
+             labels: Mapping[str, str], metric: str, digits: int, rank: bool = True) -> str:
+    """One row per case, one column per method: the mean score, best marked as in the case tables (``rank``)."""
     rows = ["| case | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---|" * len(names)]
     for case in cases:
-        scores = {n: np.asarray(records[case.name, n][metric]) for n in names if (case.name, n) in records}
+        scores = {n: np.asarray(records[case.name, n][metric]) for n in names
+                  if (case.name, n) in records and metric in records[case.name, n]}
         if not scores:
             continue
-        test = paired_best(scores)
+        test = paired_best(scores) if rank else None
         cells = []
         for name in names:
             if name not in scores:
                 cells.append("")
                 continue
             cell = f"{scores[name].mean():.{digits}f}"
-            if name == test.best:
+            if test is not None and name == test.best:
                 cell = f"**{cell}**" if test.significant else f"{cell} (n.s.)"
             cells.append(cell)
         rows.append(f"| {case.name} | " + " | ".join(cells) + " |")
@@ -916,7 +923,8 @@ def write_report(out: Path, cases: Sequence[Case], names: Sequence[str], skipped
         writer.writerow(_CSV_COLUMNS)
         for (case_name, name), record in records.items():
             case = next(c for c in cases if c.name == case_name)
-            for row in zip(record["slices"], record["psnr"], record["ssim"]):
+            leak = record.get("leak", [""] * len(record["slices"]))
+            for row in zip(record["slices"], record["psnr"], record["ssim"], leak):
                 writer.writerow([case.name, case.dataset, case.noise, "" if case.level is None else f"{case.level:.6g}",
                                  case.correlation, case.reference, name, kinds[name], *row])
     costs = {case.name: _case_cost(out / "cases" / case.name, [r for (c, _), r in records.items() if c == case.name])
@@ -933,6 +941,10 @@ def write_report(out: Path, cases: Sequence[Case], names: Sequence[str], skipped
     for metric, digits, unit in (("psnr", 2, " (dB)"), ("ssim", 4, "")):
         summary = _summary(records, cases, names, labels, metric, digits)
         lines += [f"## Summary: mean {metric.upper()}{unit}", "", summary, ""]
+    lines += ["## Summary: noise leak", "", "Correlation of (output - reference) with (noisy - reference), mean over "
+              "slices (diffdenoise.metrics.noise_leak): 1 for the noisy input, near 0 for an output that keeps none of "
+              "the input's noise; results stored before this column have none.", "",
+              _summary(records, cases, names, labels, "leak", 3, rank=False), ""]
     lines += ["## Cost per case", "", "Fit and denoise time of every stored result of the case, each step of its "
               "DiffDenoise pipeline run counted once (the methods share it); process CPU includes all threads.", "",
               "| case | wall (s) | process CPU (s) |", "|---|---|---|"]
@@ -975,10 +987,10 @@ def _case_cost(case_dir: Path, records: Sequence[dict]) -> tuple[float, float]:
         cpu += record["denoise_cpu_seconds_per_slice"] * slices
         if record["method"] not in PIPELINE_METHODS:
             wall, cpu = wall + record["fit_seconds"], cpu + record["fit_cpu_seconds"]
-    state = case_dir / "work" / "pipeline" / "state.json"
-    if any(record["method"] in PIPELINE_METHODS for record in records) and state.is_file():
-        steps = json.loads(state.read_text())
-        wall, cpu = wall + sum(steps["seconds"].values()), cpu + sum(steps["cpu_seconds"].values())
+    for state in sorted((case_dir / "work").glob("pipeline*/state.json")):
+        if any(record["method"] in PIPELINE_METHODS for record in records):
+            steps = json.loads(state.read_text())
+            wall, cpu = wall + sum(steps["seconds"].values()), cpu + sum(steps["cpu_seconds"].values())
     return wall, cpu
 
 

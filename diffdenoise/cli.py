@@ -44,30 +44,39 @@ def stage(name: str, *overlays: str, **overrides) -> None:
 
 
 def demo(out: str = "diffdenoise_demo", preset: str = "demo", noise: str = "gaussian", level: float = 15 / 255,
-         seed: int = 0, downsample: int = 2) -> str:
-    """Run every built stage on the MNI152 template shipped with nilearn (offline) and write OUT/report.md."""
-    from diffdenoise.demo import run_demo
+         seed: int = 0, downsample: int = 2, method: str | None = None) -> str:
+    """Run every built stage on the MNI152 template shipped with nilearn (offline) and write OUT/report.md.
 
-    report = run_demo(out=out, preset=preset, noise=noise, level=level, seed=seed, downsample=downsample)
+    --method leak_free|paper picks stages 2-3 (default: the leak-free path)."""
+    from diffdenoise.demo import run_demo
+    from diffdenoise.pipeline import DEFAULT_METHOD
+
+    report = run_demo(out=out, preset=preset, noise=noise, level=level, seed=seed, downsample=downsample,
+                      method=method or DEFAULT_METHOD)
     print(report.read_text())
     return str(report)
 
 
 def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modality: str | None = None, seed: int = 0,
-        iterations: int = 1, onnx: bool = False, overwrite: bool = False, **overrides) -> str:
+        iterations: int = 1, onnx: bool = False, overwrite: bool = False, method: str | None = None,
+        **overrides) -> str:
     """Train every stage on noisy scans (no clean images) and leave a finished bundle in RUN_DIR.
 
-    The student ships as models/model.ts (TorchScript) and, with --onnx, models/model.onnx.
+    The student ships as models/model.ts (TorchScript) and, with --onnx, models/model.onnx. --method picks
+    stages 2-3: leak_free (the default: a recorrupted target, antithetic Tweedie) or paper (BSN(y) condition,
+    DDIM pairs, as published); see README "Which path".
 
     Example: ``diffdenoise fit scans/ runs/my_bundle --preset cpu``, then
     ``diffdenoise denoise new_scan/ out/ --bundle runs/my_bundle`` or
     ``python -m monai.bundle run --config_file runs/my_bundle/configs/inference.yaml``.
     """
     from diffdenoise.fit import fit as fit_bundle
+    from diffdenoise.pipeline import DEFAULT_METHOD
 
     overlays = (overlays,) if isinstance(overlays, str) else tuple(overlays)
     return str(fit_bundle(src, run_dir, preset=preset, overlays=overlays, modality=modality, seed=seed,
-                          iterations=iterations, onnx=onnx, overwrite=overwrite, **overrides))
+                          iterations=iterations, onnx=onnx, overwrite=overwrite, method=method or DEFAULT_METHOD,
+                          **overrides))
 
 
 def export(run_dir: str, formats: tuple = ("onnx",)) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from diffdenoise.data import load_datalist, prepare
 from diffdenoise.metrics import score_datalist
-from diffdenoise.pipeline import LABELS, run_pipeline
+from diffdenoise.pipeline import DEFAULT_METHOD, LABELS, method_overlay, run_pipeline
 from diffdenoise.report import save_visual_grid, score_table
 
 logger = logging.getLogger(__name__)
@@ -31,13 +31,14 @@ def demo_volume() -> Path:
 
 
 def run_demo(out: str = "diffdenoise_demo", preset: str = "demo", noise: str = "gaussian",
-             level: float = 15 / 255, seed: int = 0, downsample: int = 2) -> Path:
+             level: float = 15 / 255, seed: int = 0, downsample: int = 2, method: str = DEFAULT_METHOD) -> Path:
     """Prepare the demo data, run every built stage with ``configs/presets/<preset>.yaml``, write a report.
 
     Args:
         out: a new or empty folder for data, models, logs and the report.
         preset: ``smoke`` (minutes), ``demo`` (about 15 minutes on 2 cores), ``cpu`` or ``paper`` (GPU).
         noise, level: the synthetic noise added to the clean template (see ``diffdenoise.noise``).
+        method: stages 2-3, ``leak_free`` or ``paper`` (``diffdenoise.pipeline.DIFFUSION_METHODS``).
         seed: fixes the noise realisation and the training.
         downsample: average the template over k x k blocks first (2: 2 mm slices, a quarter of the pixels,
             which keeps SRDS over every slice within the demo's time).
@@ -52,8 +53,8 @@ def run_demo(out: str = "diffdenoise_demo", preset: str = "demo", noise: str = "
                        downsample=downsample)
     timings = {"prepare": time.perf_counter() - started}
     # the noise is known here, so the stage-1 denoiser re-injects with the true level
-    datalist, seconds = run_pipeline(data_dir, out / "bundle", [f"presets/{preset}"], seed=seed, noise_model=noise,
-                                     noise_level=level)
+    datalist, seconds = run_pipeline(data_dir, out / "bundle", [f"presets/{preset}", method_overlay(method)], seed=seed,
+                                     noise_model=noise, noise_level=level)
     timings.update(seconds, total=time.perf_counter() - started)
     return write_report(out, datalist, preset=preset, noise=noise, level=level, timings=timings)
 

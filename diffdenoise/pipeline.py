@@ -49,6 +49,11 @@ LABELS = {"image": "noisy input", **{k: label for s in STAGES for k, label in zi
 # the stages an iteration > 1 repeats, and the overlay that chains them to the previous iteration
 ITERATED = ("srds", "student")
 ITERATION_OVERLAY = "iteration"
+# stages 2-3 come in two forms, each an overlay ``configs/method/<name>.yaml``: the paper's (BSN(y) condition, L1
+# eps loss, DDIM pairs) and the leak-free one (recorrupted target, antithetic Tweedie; issue 16, docs/results.md)
+DIFFUSION_METHODS = ("leak_free", "paper")
+# the one fit and the demo use unless told otherwise
+DEFAULT_METHOD = "leak_free"
 
 
 class Step(NamedTuple):
@@ -72,6 +77,17 @@ def output_label(key: str) -> str | None:
     if base not in LABELS or (iteration and not iteration.isdigit()):
         return None
     return LABELS[base] + (f", iteration {iteration}" if iteration else "")
+
+
+def method_overlay(method: str) -> str:
+    """The overlay of a diffusion method (``DIFFUSION_METHODS``), e.g. ``method/leak_free``.
+
+    Raises:
+        ValueError: an unknown method, naming the valid ones.
+    """
+    if method not in DIFFUSION_METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(DIFFUSION_METHODS)}")
+    return f"method/{method}"
 
 
 def stage_keys(dataset_dir: Path, iteration: int = 1) -> dict:

@@ -32,17 +32,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from diffdenoise.recorruption import Recorruption, schedule_rho, timestep_for_rho
 
 __all__ = ["recorrupted_x0", "RecorruptedX0Inferer", "AntitheticTweedieInferer", "pick_rho"]
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
 def recorrupted_x0(network: Callable[..., torch.Tensor], z: torch.Tensor, timesteps: torch.Tensor, rho: torch.Tensor,
@@ -68,8 +63,33 @@ class RecorruptedX0Inferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, timesteps=None,
                  rho=None, condition=None, loss_scale=None, **kwargs: Any) -> torch.Tensor:
-        h = recorrupted_x0(network, _plain(inputs), timesteps, rho, self.sigma_ref, condition)
+        h = recorrupted_x0(network, convert_to_tensor(inputs, track_meta=False), timesteps, rho, self.sigma_ref, condition)
         return h if loss_scale is None else h * loss_scale.reshape(-1, *[1] * (h.ndim - 1))
+
+
+def _padded(y: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple]:
+    """y reflect-padded so H and W are multiples of ``multiple``, and the index that crops a result back."""
+    sizes = y.shape[2:]
+    pads = [p for size in reversed(sizes) for p in (0, (-size) % multiple)]
+    return (F.pad(y, pads, mode="reflect") if any(pads) else y), (..., *(slice(0, size) for size in sizes))
+
+
+def _members(network, recorruption: Recorruption, y: torch.Tensor, states: list[torch.Tensor], timestep: int,
+             rho: float, condition_fn: Callable | None):
+    """h, y~ and the repeated y for one recorruption per state of the (B, C, H, W) batch y, all in one forward."""
+    batch = y.repeat(len(states), *[1] * (y.ndim - 1))
+    rho_batch = torch.full((len(batch),), rho, dtype=torch.float64, device=y.device)
+    with torch.no_grad():
+        z, target = recorruption.split(batch, torch.cat(states), rho_batch)
+        condition = None if condition_fn is None else condition_fn(z)
+        t_batch = torch.full((len(batch),), timestep, dtype=torch.long, device=y.device)
+        return recorrupted_x0(network, z, t_batch, rho_batch, recorruption.sigma_ref, condition), target, batch
+
+
+def _antithetic_states(recorruption: Recorruption, y: torch.Tensor, pairs: int, generator) -> list[torch.Tensor]:
+    """``pairs`` draws for y, then their mirrors."""
+    states = [recorruption.draw(y, generator) for _ in range(pairs)]
+    return states + [recorruption.antithetic(s) for s in states]
 
 
 class AntitheticTweedieInferer(Inferer):
@@ -129,43 +149,32 @@ class AntitheticTweedieInferer(Inferer):
         if kwargs.get("condition") is not None:
             raise ValueError("the leak-free inferer computes its condition from each recorrupted member "
                              "(condition_fn); do not pass `condition` (BSN(y) would leak y's noise)")
-        y = _plain(inputs)
-        sizes = y.shape[2:]
-        pads = [p for size in reversed(sizes) for p in (0, (-size) % self.pad_multiple)]
-        y_pad = F.pad(y, pads, mode="reflect") if any(pads) else y
+        y, crop = _padded(convert_to_tensor(inputs, track_meta=False), self.pad_multiple)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        total = torch.zeros_like(y_pad)
-        with torch.no_grad():
-            for t, rho in zip(self.timesteps, self.rhos):
-                states = [self.recorruption.draw(y_pad, generator) for _ in range(self.num_pairs)]
-                states += [self.recorruption.antithetic(s) for s in states]
-                members = len(states)
-                batch = y_pad.repeat(members, *[1] * (y.ndim - 1))
-                state = torch.cat(states)
-                rho_batch = torch.full((len(batch),), rho, dtype=torch.float64, device=y.device)
-                z, _ = self.recorruption.split(batch, state, rho_batch)
-                condition = None if self.condition_fn is None else self.condition_fn(z)
-                t_batch = torch.full((len(batch),), t, dtype=torch.long, device=y.device)
-                h = recorrupted_x0(network, z, t_batch, rho_batch, self.recorruption.sigma_ref, condition)
-                total += h.reshape(members, *y_pad.shape).mean(dim=0)
-        mean = (total / len(self.rhos))[(..., *(slice(0, size) for size in sizes))]
-        return convert_to_dst_type(mean, inputs)[0]
+        total = torch.zeros_like(y)
+        for t, rho in zip(self.timesteps, self.rhos):
+            states = _antithetic_states(self.recorruption, y, self.num_pairs, generator)
+            h, _, _ = _members(network, self.recorruption, y, states, t, rho, self.condition_fn)
+            total += h.reshape(len(states), *y.shape).mean(dim=0)
+        return convert_to_dst_type((total / len(self.rhos))[crop], inputs)[0]
 
 
-def pick_rho(network: Callable[..., torch.Tensor], recorruption: Recorruption, scheduler, slices: Sequence[Any],
-             candidates: Sequence[float], condition_fn: Callable | None = None, draws: int = 4, seed: int = 0,
-             pad_multiple: int = 1, device: str | torch.device = "cpu", cache: str | os.PathLike | None = None
-             ) -> float:
+def pick_rho(network: Callable[..., torch.Tensor], recorruption: Recorruption, scheduler,
+             slices: Callable[[], Sequence[Any]], candidates: Sequence[float], condition_fn: Callable | None = None,
+             draws: int = 4, seed: int = 0, pad_multiple: int = 1, device: str | torch.device = "cpu",
+             cache: str | os.PathLike | None = None) -> float:
     """The candidate rho with the lowest estimated MSE of a single recorrupted estimate h(z), on noisy slices only.
 
     E||h(z) - y~||^2 = MSE(h(z), x) + E||y~ - x||^2, because y~'s noise is independent of z with mean zero; the
     second term is ``recorruption.target_noise_variance``. So the loss minus that term estimates the MSE
     without a clean image. Each slice gets ``draws`` recorruptions (antithetic pairs: each member is a valid
-    draw). With ``cache`` (a JSON path) the result is stored with the network's weights hash and the inputs,
-    and read back while they match: a bundle's stage 3 chooses once, ``diffdenoise denoise`` reuses it.
+    draw). With ``cache`` (a JSON path) the result is stored with a hash of the network's weights, the noise
+    model and these options, and read back while they match: a bundle's stage 3 chooses once and
+    ``diffdenoise denoise`` reuses the choice without the slices.
 
     Args:
-        slices: 2-D noisy slices (numpy or torch), e.g. the validation split.
+        slices: returns the 2-D noisy slices (numpy or torch), e.g. the validation split; called only when no
+            cached choice matches.
         candidates: rho values to compare.
 
     Returns:
@@ -173,34 +182,23 @@ def pick_rho(network: Callable[..., torch.Tensor], recorruption: Recorruption, s
     """
     table = schedule_rho(scheduler.alphas_cumprod)
     options = sorted({timestep_for_rho(scheduler.alphas_cumprod, r) for r in candidates})
-    key = _fingerprint(network, recorruption, options, len(slices), draws, seed)
+    key = _fingerprint(network, recorruption, options, draws, seed)
     if cache is not None and Path(cache).is_file():
         stored = json.loads(Path(cache).read_text())
         if stored.get("key") == key:
             return float(stored["rho"])
+    images = [torch.as_tensor(image, dtype=torch.float32, device=device) for image in slices()]
     estimates = {}
     for t in options:
-        rho = float(table[t])
-        inferer_draws = []
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        for image in slices:
-            y = torch.as_tensor(image, dtype=torch.float32, device=device).reshape(1, 1, *image.shape[-2:])
-            sizes = y.shape[2:]
-            pads = [p for size in reversed(sizes) for p in (0, (-size) % pad_multiple)]
-            y_pad = F.pad(y, pads, mode="reflect") if any(pads) else y
-            states = [recorruption.draw(y_pad, generator) for _ in range(max(1, draws // 2))]
-            states = torch.cat(states + [recorruption.antithetic(s) for s in states])
-            batch = y_pad.repeat(len(states), 1, 1, 1)
+        rho, generator, losses = float(table[t]), torch.Generator(device="cpu").manual_seed(seed), []
+        for image in images:
+            y, crop = _padded(image.reshape(1, 1, *image.shape[-2:]), pad_multiple)
+            states = _antithetic_states(recorruption, y, max(1, draws // 2), generator)
+            h, target, batch = _members(network, recorruption, y, states, t, rho, condition_fn)
             rho_batch = torch.full((len(batch),), rho, dtype=torch.float64, device=y.device)
-            with torch.no_grad():
-                z, target = recorruption.split(batch, states, rho_batch)
-                condition = None if condition_fn is None else condition_fn(z)
-                t_batch = torch.full((len(batch),), t, dtype=torch.long, device=y.device)
-                h = recorrupted_x0(network, z, t_batch, rho_batch, recorruption.sigma_ref, condition)
-            crop = (..., *(slice(0, size) for size in sizes))
-            loss = ((h - target)[crop] ** 2).mean() - recorruption.target_noise_variance(batch, rho_batch)[crop].mean()
-            inferer_draws.append(float(loss))
-        estimates[rho] = sum(inferer_draws) / len(inferer_draws)
+            noise = recorruption.target_noise_variance(batch, rho_batch)[crop].mean()
+            losses.append(float(((h - target)[crop] ** 2).mean() - noise))
+        estimates[rho] = sum(losses) / len(losses)
     best = min(estimates, key=estimates.get)
     if cache is not None:
         tmp = Path(f"{cache}.tmp")
@@ -210,11 +208,11 @@ def pick_rho(network: Callable[..., torch.Tensor], recorruption: Recorruption, s
     return best
 
 
-def _fingerprint(network, recorruption: Recorruption, options, count: int, draws: int, seed: int) -> str:
+def _fingerprint(network, recorruption: Recorruption, options, draws: int, seed: int) -> str:
     """What a stored choice of rho depends on: the weights, the noise model and level, and the trial."""
     digest = hashlib.sha256()
     for tensor in network.state_dict().values():
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     digest.update(json.dumps([type(recorruption).__name__, recorruption.level,
-                              getattr(recorruption, "correlation_sigma", 0.0), options, count, draws, seed]).encode())
+                              getattr(recorruption, "correlation_sigma", 0.0), options, draws, seed]).encode())
     return digest.hexdigest()
