@@ -237,12 +237,12 @@ def bsn_overlay(correlation: float) -> str:
 
 
 def _noise_keys(case: Case) -> dict:
-    """The bundle's noise keys for the posterior re-injection: a Gaussian (or real) noise's sigma is
-    estimated per slice, as the classical filters do; Poisson and Gamma have no estimator, so the case's
-    level is given."""
-    if case.noise in ("real", "gaussian", "rician"):
+    """The bundle's noise keys (stage 1's posterior re-injection, the leak-free recorruption): the model and level
+    of the case's synthetic noise, known as in the paper's comparisons; real noise is taken as Gaussian with its
+    sigma estimated (``diffdenoise.noise_level``). The classical filters still estimate sigma per slice."""
+    if case.noise == "real":
         return {"noise_model": "gaussian", "noise_level": None}
-    return {"noise_model": case.noise, "noise_level": case.level}
+    return {"noise_model": case.noise, "noise_level": case.level, "noise_correlation_sigma": case.correlation}
 
 
 @dataclass(frozen=True)
