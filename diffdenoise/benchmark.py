@@ -334,12 +334,33 @@ def _pipeline(settings: FitSettings, upto: str, method: str = "paper") -> tuple[
     for step in _steps_upto(pipeline_steps(data, ITERATIONS), upto):
         if step.name in state["seconds"]:
             continue
+        if method != "paper" and step.stage == "bsn":
+            _share_stage_one(settings, root, state)
+            _save_atomic(path, lambda f: f.write(json.dumps(state, indent=1).encode()))
+            continue
         started, cpu = time.perf_counter(), time.process_time()
         run_stage(step.config, [*overlays, *step.overlays], **{**keys, **step.keys})
         state["seconds"][step.name] = time.perf_counter() - started
         state["cpu_seconds"][step.name] = time.process_time() - cpu
         _save_atomic(path, lambda f: f.write(json.dumps(state, indent=1).encode()))
     return keys, state
+
+
+def _share_stage_one(settings: FitSettings, root: Path, state: dict) -> None:
+    """Stage 1 does not depend on the diffusion method: another method's pipeline takes the paper pipeline's BSN
+    and its outputs (running it first if needed) instead of training its own. The steps keep their cost, marked
+    ``shared`` so that a case's cost counts them once."""
+    paper_keys, paper_state = _pipeline(settings, "infer_bsn")
+    paper_root = Path(paper_keys["bundle_root"]).parent
+    for source in (paper_root / "data").glob("*bsn*"):
+        target = root / "data" / source.name
+        shutil.copytree(source, target, dirs_exist_ok=True) if source.is_dir() else shutil.copy2(source, target)
+    (root / "bundle" / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path(paper_keys["bundle_root"]) / "models" / "bsn.pt", root / "bundle" / "models" / "bsn.pt")
+    shared = [step.name for step in pipeline_steps(root / "data") if step.stage == "bsn"]
+    for name in shared:
+        state["seconds"][name], state["cpu_seconds"][name] = paper_state["seconds"][name], paper_state["cpu_seconds"][name]
+    state["shared"] = shared
 
 
 def _fit_stage(upto: str, denoiser: str, inferer_key: str, method: str = "paper") -> Callable:
@@ -990,7 +1011,8 @@ def _case_cost(case_dir: Path, records: Sequence[dict]) -> tuple[float, float]:
     for state in sorted((case_dir / "work").glob("pipeline*/state.json")):
         if any(record["method"] in PIPELINE_METHODS for record in records):
             steps = json.loads(state.read_text())
-            wall, cpu = wall + sum(steps["seconds"].values()), cpu + sum(steps["cpu_seconds"].values())
+            own = [name for name in steps["seconds"] if name not in steps.get("shared", [])]
+            wall, cpu = wall + sum(steps["seconds"][n] for n in own), cpu + sum(steps["cpu_seconds"][n] for n in own)
     return wall, cpu
 
 

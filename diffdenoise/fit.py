@@ -17,7 +17,6 @@ last stage and the export are done, so RUN_DIR is either a finished bundle or ab
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -28,12 +27,10 @@ from diffdenoise.data import prepare
 from diffdenoise.errors import InputError
 from diffdenoise.export import check_formats, export_student
 from diffdenoise.io import atomic_folder, check_output_folder
-from diffdenoise.noise_level import estimate_from_datalist
 from diffdenoise.pipeline import (DEFAULT_METHOD, ITERATED, ITERATION_OVERLAY, STAGES, method_overlay, run_pipeline,
                                   stage_keys)
 from diffdenoise.stages import bundle_dir, stage_config_files
 
-logger = logging.getLogger(__name__)
 # configs a finished bundle carries, beyond those STAGES run
 _EXTRA_CONFIGS = ("infer_bsn",)
 
@@ -67,25 +64,11 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
     formats = check_formats(["torchscript", *(["onnx"] if onnx else [])])
     overlays = [f"presets/{preset}", method_overlay(method), *overlays]
     with atomic_folder(run_dir, overwrite) as work:
-        datalist = prepare(src, work / "data", modality=modality, seed=seed)
-        overrides = {**_noise_level(datalist, overlays, overrides), **overrides}
+        prepare(src, work / "data", modality=modality, seed=seed)
         run_pipeline(work / "data", work, overlays, iterations=iterations, seed=seed, **overrides)
         _write_configs(work, run_dir, overlays, {"seed": seed, **overrides}, iterations)
         export_student([work / "configs" / "inference.yaml"], work, formats)
     return run_dir
-
-
-def _noise_level(datalist: Path, overlays: Sequence[str], overrides: dict) -> dict:
-    """``noise_level`` estimated once on the training slices when the noise is Gaussian and its level unset, so
-    every stage (the posterior of stage 1, the recorruption of the leak-free path) uses one good estimate."""
-    parser = ConfigParser()
-    parser.read_config(stage_config_files("common", overlays)[1:])
-    parser.update(overrides)
-    if parser["noise_level"] is not None or parser["noise_model"] not in ("gaussian", "rician"):
-        return {}
-    sigma = estimate_from_datalist(datalist, parser["noise_model"], parser["noise_correlation_sigma"])
-    logger.info("noise sigma estimated on the training slices: %.5f (%.2f/255)", sigma, sigma * 255)
-    return {"noise_level": sigma}
 
 
 def _write_configs(work: Path, run_dir: Path, overlays: Sequence[str], overrides: dict, iterations: int) -> None:
