@@ -99,7 +99,7 @@ def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = No
 
     Writes OUT/<name> in the input's format (a DICOM series becomes a derived series) and OUT/<name>.json.
     --bundle DIR holds configs/*.yaml and models/*.pt (default: the shipped bundles/diffdenoise); --mode
-    bsn|student|srds (default student if models/model.pt exists, else bsn); --config the overlays the model
+    bsn|student|srds (default: the bundle's default_mode, stage 1, see docs/results.md); --config the overlays the model
     was trained with (paths or names such as presets/cpu); --series one SeriesInstanceUID; --modality and
     --ct_window as given to prepare. The GPU fast path: --precision auto|float32|bfloat16 (auto: bf16 autocast
     on a GPU, float32 on a CPU), --compile (torch.compile), channels_last on a GPU.

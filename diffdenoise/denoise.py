@@ -116,7 +116,8 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
     Args:
         bundle: folder with ``configs/common.yaml`` and ``models/*.pt``; None is the shipped
             ``bundles/diffdenoise``.
-        mode: a key of ``MODES``; None picks "student" when its checkpoint (``student_ckpt``) exists, else "bsn".
+        mode: a key of ``MODES``; None takes the bundle's ``default_mode`` (``common.yaml``; stage 1, ``bsn``,
+            until another stage is measured above it: docs/results.md), or "bsn" where that mode is not trained.
         device: "cpu", "cuda" or "cuda:N"; None picks cuda when available.
         config: overlays merged after the bundle's configs, as in training: YAML/JSON paths or shipped
             overlay names (``presets/cpu``). Pass the ones the model was trained with, since they set
@@ -135,7 +136,7 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
         problem = "not a bundle: no configs/common.yaml; --bundle needs a folder with configs/*.yaml and models/*.pt"
         raise InputError(bundle, problem)
     if mode is None:
-        mode = "student" if _checkpoint(bundle, "student", config).is_file() else "bsn"
+        mode = _default_mode(bundle, config)
     if mode not in MODES:
         raise InputError("--mode", f"{mode!r} is not one of {', '.join(MODES)}")
     spec = MODES[mode]
@@ -193,6 +194,15 @@ def _read_configs(bundle: Path, files: Sequence[Path], mode: str) -> ConfigParse
     parser.read_config([str(path) for path in files])
     parser["bundle_root"] = str(bundle)
     return parser
+
+
+def _default_mode(bundle: Path, config: Sequence[str]) -> str:
+    """The bundle's ``default_mode`` when its checkpoint exists, else "bsn" (a bundle trained up to stage 1)."""
+    parser = _read_configs(bundle, [bundle / "configs" / "common.yaml", *map(_config_file, config)], "default")
+    mode = parser.get("default_mode", "bsn")
+    if mode not in MODES:
+        raise InputError(bundle / "configs" / "common.yaml", f"default_mode {mode!r} is not one of {', '.join(MODES)}")
+    return mode if _checkpoint(bundle, mode, config).is_file() else "bsn"
 
 
 def _checkpoint(bundle: Path, mode: str, config: Sequence[str]) -> Path:

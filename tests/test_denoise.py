@@ -314,8 +314,12 @@ def test_modes_need_their_checkpoint_and_the_training_overlay(bundle, tmp_path):
     student = tmp_path / "bundle"
     shutil.copytree(path, student)
     (student / "models" / "model.pt").write_bytes(b"")
+    # a trained student is not the default: the bundle's default_mode (stage 1) is
+    assert load_model(student, None, "cpu", [str(overlay)]).mode == "bsn"
+    common = student / "configs" / "common.yaml"
+    common.write_text(common.read_text().replace("default_mode: bsn", "default_mode: student"))
     with pytest.raises(InputError, match=r"inference\.yaml: no such config file; mode 'student' reads it"):
-        load_model(student, None, "cpu")  # model.pt present: the student is the default
+        load_model(student, None, "cpu")  # default_mode student, model.pt present: the student
 
 
 def test_a_volume_streams_through_the_model_in_batches_holding_one_output_volume(tmp_path):
