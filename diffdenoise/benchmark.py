@@ -354,7 +354,10 @@ def _share_stage_one(settings: FitSettings, root: Path, state: dict) -> None:
     paper_root = Path(paper_keys["bundle_root"]).parent
     for source in (paper_root / "data").glob("*bsn*"):
         target = root / "data" / source.name
-        shutil.copytree(source, target, dirs_exist_ok=True) if source.is_dir() else shutil.copy2(source, target)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
     (root / "bundle" / "models").mkdir(parents=True, exist_ok=True)
     shutil.copy2(Path(paper_keys["bundle_root"]) / "models" / "bsn.pt", root / "bundle" / "models" / "bsn.pt")
     shared = [step.name for step in pipeline_steps(root / "data") if step.stage == "bsn"]

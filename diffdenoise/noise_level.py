@@ -99,8 +99,8 @@ from scipy.special import polygamma
 
 from diffdenoise.errors import InputError
 from diffdenoise.noise import NOISE_MODELS
+from diffdenoise.recorruption import gaussian_kernel1d
 
-_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default, which diffdenoise.noise uses
 _MIN_PATCHES_PER_DIM = 10  # fewest usable patches per patch dimension r for a stable covariance
 _RICIAN_MIN_SNR = 5.0  # Rician patches need mean >= this many sigma to be Gaussian-like
 _POISSON_MIN_COUNT = 20.0  # Poisson patches need lambda * mean >= this for Anscombe's transform
@@ -126,10 +126,8 @@ def correlated_patch_covariance(correlation_sigma: float, patch: int = 7) -> np.
     identity = np.eye(patch * patch)
     if correlation_sigma == 0:
         return identity
-    radius = int(_TRUNCATE * correlation_sigma + 0.5)
-    offsets = np.arange(-radius, radius + 1)
-    weights = np.exp(-0.5 * (offsets / correlation_sigma) ** 2)
-    weights /= weights.sum()
+    weights = gaussian_kernel1d(correlation_sigma)
+    radius = len(weights) // 2
     autocorrelation = np.correlate(weights, weights, mode="full")  # lags -2 radius .. 2 radius
     lags = np.abs(np.subtract.outer(np.arange(patch), np.arange(patch)))
     within = lags <= 2 * radius

@@ -47,7 +47,7 @@ from scipy.stats import binom
 from diffdenoise.noise import NOISE_MODELS
 
 __all__ = ["Recorruption", "GaussianRecorruption", "PoissonRecorruption", "GammaRecorruption",
-           "make_recorruption", "schedule_rho", "band_timesteps", "timestep_for_rho"]
+           "make_recorruption", "schedule_rho", "band_timesteps", "timestep_for_rho", "gaussian_kernel1d"]
 
 _REFERENCE_SIGNAL = 0.5
 
