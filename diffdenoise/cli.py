@@ -64,7 +64,9 @@ def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modal
 
     The student ships as models/model.ts (TorchScript) and, with --onnx, models/model.onnx. --method picks
     stages 2-3: leak_free (the default: a recorrupted target, antithetic Tweedie) or paper (BSN(y) condition,
-    DDIM pairs, as published); see README "Which path".
+    DDIM pairs, as published); see README "Which path". After training, each mode's gain over the noisy input is
+    estimated on the validation slices without a reference (SURE/PURE), printed and written to RUN_DIR/report.md;
+    the best becomes the bundle's default mode (none, when no mode is estimated to help).
 
     Example: ``diffdenoise fit scans/ runs/my_bundle --preset cpu``, then
     ``diffdenoise denoise new_scan/ out/ --bundle runs/my_bundle`` or
@@ -74,9 +76,11 @@ def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modal
     from diffdenoise.pipeline import DEFAULT_METHOD
 
     overlays = (overlays,) if isinstance(overlays, str) else tuple(overlays)
-    return str(fit_bundle(src, run_dir, preset=preset, overlays=overlays, modality=modality, seed=seed,
-                          iterations=iterations, onnx=onnx, overwrite=overwrite, method=method or DEFAULT_METHOD,
-                          **overrides))
+    bundle = fit_bundle(src, run_dir, preset=preset, overlays=overlays, modality=modality, seed=seed,
+                        iterations=iterations, onnx=onnx, overwrite=overwrite, method=method or DEFAULT_METHOD,
+                        **overrides)
+    print((bundle / "report.md").read_text())
+    return str(bundle)
 
 
 def export(run_dir: str, formats: tuple = ("onnx",)) -> str:
@@ -91,15 +95,17 @@ def export(run_dir: str, formats: tuple = ("onnx",)) -> str:
     return " ".join(str(p) for p in written)
 
 
-def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = None, device: str | None = None,
+def denoise(src: str, out: str, bundle: str | None = None, mode: str = "auto", device: str | None = None,
             overwrite: bool = False, series: str | None = None, config: tuple = (), modality: str | None = None,
             ct_window: tuple = (-100.0, 200.0), batch_size: int = 8, precision: str = "auto",
-            compile: bool = False) -> str:
+            compile: bool = False, estimate_slices: int = 8) -> str:
     """Denoise DICOM series/files, NIfTI, PNG or TIFF (or a folder of them) with a trained bundle.
 
     Writes OUT/<name> in the input's format (a DICOM series becomes a derived series) and OUT/<name>.json.
     --bundle DIR holds configs/*.yaml and models/*.pt (default: the shipped bundles/diffdenoise); --mode
-    bsn|student|srds (default: the bundle's default_mode, stage 1, see docs/results.md); --config the overlays the model
+    auto|bsn|student|srds (auto, the default: the mode `fit` estimated best, see the bundle's report.md); each report
+    holds the mode's estimated gain over the input without a reference, on --estimate_slices slices per volume
+    (8; 0 skips it), and a line on stderr warns when it is not positive; --config the overlays the model
     was trained with (paths or names such as presets/cpu); --series one SeriesInstanceUID; --modality and
     --ct_window as given to prepare. The GPU fast path: --precision auto|float32|bfloat16 (auto: bf16 autocast
     on a GPU, float32 on a CPU), --compile (torch.compile), channels_last on a GPU.
@@ -112,7 +118,7 @@ def denoise(src: str, out: str, bundle: str | None = None, mode: str | None = No
     return str(denoise_folder(src, out, bundle=bundle, mode=mode, device=device, overwrite=overwrite,
                               series=None if series is None else str(series), config=config, modality=modality,
                               ct_window=tuple(ct_window), batch_size=batch_size, precision=precision,
-                              compile=compile))
+                              compile=compile, estimate_slices=estimate_slices))
 
 
 def benchmark(preset: str = "smoke", data: str = "../shared/data", out: str = "runs/bench", noise=None, dataset=None,

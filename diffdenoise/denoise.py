@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 import uuid
 from contextlib import nullcontext
@@ -50,6 +51,7 @@ from diffdenoise.io import (
     scan_volumes,
     write_volume,
 )
+from diffdenoise.quality import estimate_gain, resolve_noise_level
 from diffdenoise.stages import bundle_dir, overlay_path
 
 MIN_SLICE_SIZE = 16  # pixels per side: below this a blind-spot net has almost no context to predict from
@@ -70,6 +72,10 @@ MODES = {
     "student": Mode("student_ckpt", "network_def", "inferer", ("common.yaml", "inference.yaml"), "stage 4"),
     "srds": Mode("diffusion_ckpt", "diffusion_def", "srds_inferer", ("common.yaml", "sample_srds.yaml"), "stage 2"),
 }
+# the mode that takes the bundle's ``default_mode``: the one ``diffdenoise fit`` estimated best (diffdenoise.assessment)
+AUTO_MODE = "auto"
+# slices per volume whose gain is estimated without a reference (diffdenoise.quality); each costs two more passes
+ESTIMATE_SLICES = 8
 
 
 @dataclass
@@ -85,6 +91,8 @@ class Model:
         sha256: its hash.
         configs: the config files the network and inferer were built from.
         precision: ``"float32"``, or ``"bfloat16"``: the forward passes run under bf16 autocast.
+        noise: the bundle's ``noise_model``, ``noise_level`` (None: unknown) and ``noise_correlation_sigma``, for
+            the no-reference estimate of what the mode gained.
     """
 
     mode: str
@@ -95,6 +103,7 @@ class Model:
     sha256: str
     configs: list[str] = field(default_factory=list)
     precision: str = "float32"
+    noise: dict = field(default_factory=lambda: {"model": "gaussian", "level": None, "correlation_sigma": 0.0})
 
     def __call__(self, slices: np.ndarray) -> np.ndarray:
         """Denoises float32 (B, H, W) slices in [0, 1]; returns float32 (B, H, W), not clipped."""
@@ -116,8 +125,8 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
     Args:
         bundle: folder with ``configs/common.yaml`` and ``models/*.pt``; None is the shipped
             ``bundles/diffdenoise``.
-        mode: a key of ``MODES``; None takes the bundle's ``default_mode`` (``common.yaml``; stage 1, ``bsn``,
-            until another stage is measured above it: docs/results.md), or "bsn" where that mode is not trained.
+        mode: a key of ``MODES``, or ``auto`` (or None): the bundle's ``default_mode``, which ``diffdenoise fit``
+            sets to the mode with the best estimated gain (``report.md``), or "bsn" where that mode is not trained.
         device: "cpu", "cuda" or "cuda:N"; None picks cuda when available.
         config: overlays merged after the bundle's configs, as in training: YAML/JSON paths or shipped
             overlay names (``presets/cpu``). Pass the ones the model was trained with, since they set
@@ -135,10 +144,10 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
     if not (bundle / "configs" / "common.yaml").is_file():
         problem = "not a bundle: no configs/common.yaml; --bundle needs a folder with configs/*.yaml and models/*.pt"
         raise InputError(bundle, problem)
-    if mode is None:
+    if mode in (None, AUTO_MODE):
         mode = _default_mode(bundle, config)
     if mode not in MODES:
-        raise InputError("--mode", f"{mode!r} is not one of {', '.join(MODES)}")
+        raise InputError("--mode", f"{mode!r} is not one of {', '.join([AUTO_MODE, *MODES])}")
     spec = MODES[mode]
     checkpoint = _checkpoint(bundle, mode, config)
     if not checkpoint.is_file():
@@ -174,7 +183,10 @@ def load_model(bundle=None, mode: str | None = None, device: str | None = None, 
     if compile:
         network = torch.compile(network)
     configs = [str(path.resolve()) for path in files]
-    return Model(mode, network, inferer, device, checkpoint.resolve(), file_sha256(checkpoint), configs, precision)
+    noise = {"model": parser.get("noise_model", "gaussian"), "level": parser.get("noise_level"),
+             "correlation_sigma": float(parser.get("noise_correlation_sigma") or 0.0)}
+    return Model(mode, network, inferer, device, checkpoint.resolve(), file_sha256(checkpoint), configs, precision,
+                 noise)
 
 
 def _read_configs(bundle: Path, files: Sequence[Path], mode: str) -> ConfigParser:
@@ -197,12 +209,26 @@ def _read_configs(bundle: Path, files: Sequence[Path], mode: str) -> ConfigParse
 
 
 def _default_mode(bundle: Path, config: Sequence[str]) -> str:
-    """The bundle's ``default_mode`` when its checkpoint exists, else "bsn" (a bundle trained up to stage 1)."""
-    parser = _read_configs(bundle, [bundle / "configs" / "common.yaml", *map(_config_file, config)], "default")
+    """The bundle's ``default_mode`` when its checkpoint exists, else "bsn" (a bundle trained up to stage 1).
+
+    Raises:
+        InputError: the bundle's default is null: ``diffdenoise fit`` estimated that no mode beats the input.
+    """
+    common = bundle / "configs" / "common.yaml"
+    parser = _read_configs(bundle, [common, *map(_config_file, config)], "default")
     mode = parser.get("default_mode", "bsn")
+    if mode is None:
+        raise InputError(bundle, "no mode of this bundle was estimated to beat the noisy input on its validation "
+                         f"slices ({bundle / 'report.md'}), so it has no default; pass --mode "
+                         f"{'|'.join(MODES)} to run one anyway")
     if mode not in MODES:
-        raise InputError(bundle / "configs" / "common.yaml", f"default_mode {mode!r} is not one of {', '.join(MODES)}")
+        raise InputError(common, f"default_mode {mode!r} is not one of {', '.join(MODES)}")
     return mode if _checkpoint(bundle, mode, config).is_file() else "bsn"
+
+
+def trained_modes(bundle, config: Sequence[str] = ()) -> list[str]:
+    """The modes of ``MODES`` whose checkpoint the bundle holds, in ``MODES`` order."""
+    return [mode for mode in MODES if _checkpoint(Path(bundle), mode, config).is_file()]
 
 
 def _checkpoint(bundle: Path, mode: str, config: Sequence[str]) -> Path:
@@ -279,6 +305,33 @@ def denoise_volume(
     return out, stats
 
 
+def estimate_volume_gain(volume: Volume, model: Model, intensity_range, slices: int = ESTIMATE_SLICES,
+                         seed: int = 0) -> dict:
+    """How much ``model`` is estimated to gain over the noisy volume, with no reference (``diffdenoise.quality``).
+
+    Scored on up to ``slices`` evenly spaced non-constant slices, normalised as they were denoised, with the
+    bundle's noise model and level (measured on those slices when the bundle's level is null). Returns the
+    numbers for the JSON report, or ``{"skipped": why}`` where no estimate can be made (``slices`` 0, correlated
+    Poisson noise, too little texture-free area to measure the noise)."""
+    if slices == 0:
+        return {"skipped": "estimate_slices is 0"}
+    low, high = intensity_range
+    picks = np.unique(np.linspace(0, len(volume.array) - 1, min(slices, len(volume.array))).round().astype(int))
+    normalised = [scale_to_unit(volume.array[k], low, high) for k in picks]
+    normalised = [s for s in normalised if s.max() > s.min()]
+    if not normalised:
+        return {"skipped": "every sampled slice is constant after normalisation"}
+    noise = model.noise
+    try:
+        level, source = resolve_noise_level(normalised, noise["model"], noise["level"], noise["correlation_sigma"])
+        estimate = estimate_gain(model, normalised, noise["model"], level, noise["correlation_sigma"], seed)
+    except ValueError as exc:
+        return {"skipped": one_line(exc)}
+    where = "the bundle's noise_level" if source == "bundle" else "measured on these slices (diffdenoise.noise_level)"
+    return {**estimate.summary(), "noise_level_source": where,
+            "estimator": "diffdenoise.quality: SURE / generalised SURE / PURE on the normalised slices"}
+
+
 def denoise(
     src,
     out,
@@ -295,6 +348,7 @@ def denoise(
     callback: Callable[[dict], None] | None = None,
     precision: str = "auto",
     compile: bool = False,
+    estimate_slices: int = ESTIMATE_SLICES,
 ) -> Path:
     """Denoises every volume in ``src`` into the folder ``out``, in the input's format, with a report each.
 
@@ -312,6 +366,9 @@ def denoise(
         modality, ct_window, batch_size: see ``denoise_volume``; modality and ct_window as in training.
         progress: tqdm bars over volumes (when several) and slices.
         callback: called with each volume's report once it is written.
+        estimate_slices: slices per volume on which the report's ``quality`` (the estimated gain of the mode over
+            the input, without a reference: ``estimate_volume_gain``) is measured; 0 skips it. When the estimate
+            says the output is no better than the input, one line on stderr says so.
 
     Returns:
         ``out``.
@@ -328,6 +385,8 @@ def denoise(
                 raise InputError("--modality", f"{modality!r} is not one of {', '.join(MODALITIES)}")
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
                 raise InputError("--batch_size", f"must be an integer >= 1, got {batch_size!r}")
+            if isinstance(estimate_slices, bool) or not isinstance(estimate_slices, int) or estimate_slices < 0:
+                raise InputError("--estimate_slices", f"must be an integer >= 0, got {estimate_slices!r}")
             sources = _select_series(scan_volumes(src), series, src)
             if shard.size > 1 and device in (None, "cuda") and torch.cuda.is_available():
                 device = f"cuda:{shard.local_rank}"
@@ -339,7 +398,7 @@ def denoise(
             tmp, salt = shard.broadcast((tmp, uuid.uuid4().hex))
             try:
                 _denoise_volumes(shard.take(sources), tmp, out, model, DerivedSeriesUIDs(salt), shard, modality,
-                                 ct_window, batch_size, progress and shard.rank == 0, callback)
+                                 ct_window, batch_size, progress and shard.rank == 0, callback, estimate_slices)
             except Exception as exc:
                 error = exc
             _all_or_none(shard, error, out)
@@ -358,7 +417,7 @@ def _all_or_none(shard: Shard, error: Exception | None, out: Path) -> None:
 
 
 def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, series_uids: dict, shard: Shard, modality,
-                     ct_window, batch_size: int, progress: bool, callback) -> None:
+                     ct_window, batch_size: int, progress: bool, callback, estimate_slices: int) -> None:
     """Reads, denoises and writes each volume with its JSON report into ``tmp``, the future ``out``."""
     derivation = f"diffdenoise {__version__} {model.mode} ({model.checkpoint.name} sha256 {model.sha256[:12]})"
     for source in tqdm(sources, desc="denoise", unit="volume", disable=not progress or len(sources) < 2):
@@ -367,6 +426,8 @@ def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, series_uids: d
         read = time.perf_counter()
         array, stats = denoise_volume(volume, model, modality, ct_window, batch_size, progress)
         denoised = time.perf_counter()
+        quality = estimate_volume_gain(volume, model, stats["intensity_range"], estimate_slices)
+        estimated = time.perf_counter()
         written = write_volume(volume, array, tmp / volume.volume_id, derivation, series_uids)
         finished = time.perf_counter()
         report = {
@@ -379,8 +440,10 @@ def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, series_uids: d
             **stats,
             "normalisation": NORMALISATION_RULE,
             "noise_sigma_method": "skimage.restoration.estimate_sigma per normalised slice, mean over slices",
-            "timings_s": {"read": read - started, "denoise": denoised - read, "write": finished - denoised},
+            "timings_s": {"read": read - started, "denoise": denoised - read, "estimate": estimated - denoised,
+                          "write": finished - estimated},
             "mode": model.mode,
+            "quality": quality,
             "model_file": str(model.checkpoint),
             "model_sha256": model.sha256,
             "configs": model.configs,
@@ -393,6 +456,10 @@ def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, series_uids: d
             report["SeriesInstanceUID"] = series_uids[volume.meta["SeriesInstanceUID"]]
             report["source_SeriesInstanceUID"] = volume.meta["SeriesInstanceUID"]
         (tmp / f"{volume.volume_id}.json").write_text(json.dumps(report, indent=1))
+        if quality.get("estimated_gain_db", 1.0) <= 0:
+            print(f"diffdenoise: {volume.volume_id}: the '{model.mode}' output is estimated no better than the input "
+                  f"({quality['estimated_gain_db']:+.2f} dB without a reference; {out / volume.volume_id}.json)",
+                  file=sys.stderr)
         if callback is not None:
             callback(report)
 

@@ -13,6 +13,8 @@ last stage and the export are done, so RUN_DIR is either a finished bundle or ab
     RUN_DIR/models/{diffusion,model}_iter<k>.pt   with --iterations N > 1: each later iteration's networks;
                                    the stage configs and model.ts are then the last iteration's
     RUN_DIR/data/                  the prepared slices and every stage's outputs (pseudo-targets included)
+    RUN_DIR/report.md              each mode's estimated gain over the noisy input on the validation slices, no
+                                   reference needed (diffdenoise.assessment); the best is the bundle's default_mode
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Sequence
 
 from monai.bundle import ConfigParser
 
+from diffdenoise.assessment import assess_bundle, write_assessment
 from diffdenoise.data import prepare
 from diffdenoise.errors import InputError
 from diffdenoise.export import check_formats, export_student
@@ -67,6 +70,8 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
         prepare(src, work / "data", modality=modality, seed=seed)
         run_pipeline(work / "data", work, overlays, iterations=iterations, seed=seed, **overrides)
         _write_configs(work, run_dir, overlays, {"seed": seed, **overrides}, iterations)
+        assessment = assess_bundle(work, work / "data", seed=seed)
+        write_assessment(work, assessment)
         export_student([work / "configs" / "inference.yaml"], work, formats)
     return run_dir
 

@@ -27,6 +27,8 @@ from diffdenoise.data import normalise
 from diffdenoise.denoise import Model, denoise, denoise_volume, load_model
 from diffdenoise.errors import InputError
 from diffdenoise.io import read_volumes
+from diffdenoise.metrics import psnr
+from diffdenoise.noise_level import estimate_noise_level
 from diffdenoise.networks import BlindSpotNet
 
 STUDYFORREST = "brain_mri_t1_axial_studyforrest/series"
@@ -132,7 +134,40 @@ def test_dicom_series_becomes_a_less_noisy_derived_series(noisy_series, bundle, 
     assert report["noise_sigma_after"] < 0.5 * report["noise_sigma_before"] and report["slices"] == 6
     assert report["mode"] == "bsn" and report["model_sha256"] == digest(path / "models" / "bsn.pt").popitem()[1]
     assert {report["SeriesInstanceUID"]} == new_series and report["output"] == str(folder.resolve())
-    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(tmp_path / "out") and "no better than the input" not in captured.err
+
+    # the report's no-reference estimate of the gain (SURE, sigma measured on the slices), on the normalised slices
+    # the model saw. The measured sigma is the total noise: the added noise and the scan's own (measured on the
+    # clean slices), so the estimate scores against an image without either, and exceeds the gain measured
+    # against the scan, which holds its own noise (test_quality checks the estimate where the level is known)
+    quality = report["quality"]
+    low, high = report["intensity_range"]
+    true_gain = np.mean([psnr(*(np.clip((v - low) / (high - low), 0, 1) for v in (out, ref))) -
+                         psnr(*(np.clip((v - low) / (high - low), 0, 1) for v in (noisy, ref)))
+                         for noisy, out, ref in zip(volume.array, result.array, clean)])
+    native = estimate_noise_level(list(np.clip((clean - low) / (high - low), 0, 1)), "gaussian")
+    assert quality["estimate_slices"] == 6 and quality["noise_model"] == "gaussian"
+    assert quality["noise_level"] == pytest.approx(np.hypot(NOISE_SIGMA / (high - low), native), rel=0.03)
+    assert true_gain > 5.0 and true_gain < quality["estimated_gain_db"] < true_gain + 1.5, (quality, true_gain)
+
+
+def test_an_output_estimated_worse_than_its_input_is_flagged_on_stderr(noisy_series, monkeypatch, tmp_path, capsys):
+    """Unsharp masking amplifies the noise: the report's estimate says so, and one line on stderr."""
+    sharpen = torch.nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect", bias=False)
+    with torch.no_grad():
+        sharpen.weight.copy_(torch.tensor([[0, -0.5, 0], [-0.5, 3.0, -0.5], [0, -0.5, 0]]).view(1, 1, 3, 3))
+    model = Model("bsn", sharpen.eval(), SimpleInferer(), torch.device("cpu"), Path("sharpen.pt"), "0" * 64, [])
+    monkeypatch.setattr(diffdenoise.denoise, "load_model", lambda *args, **kwargs: model)
+    src, _ = noisy_series
+    denoise(src, tmp_path / "out", progress=False)
+    (report,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
+    assert report["quality"]["estimated_gain_db"] < -1.0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "the 'bsn' output is estimated no better than the input" in line and report["volume_id"] in line
+    denoise(src, tmp_path / "skipped", progress=False, estimate_slices=0)
+    (report,) = [json.loads(p.read_text()) for p in (tmp_path / "skipped").glob("*.json")]
+    assert report["quality"] == {"skipped": "estimate_slices is 0"} and not capsys.readouterr().err
 
 
 def test_nifti_keeps_affine_header_and_shape(shared_data, bundle, tmp_path):
@@ -319,7 +354,12 @@ def test_modes_need_their_checkpoint_and_the_training_overlay(bundle, tmp_path):
     common = student / "configs" / "common.yaml"
     common.write_text(common.read_text().replace("default_mode: bsn", "default_mode: student"))
     with pytest.raises(InputError, match=r"inference\.yaml: no such config file; mode 'student' reads it"):
-        load_model(student, None, "cpu")  # default_mode student, model.pt present: the student
+        load_model(student, "auto", "cpu")  # default_mode student, model.pt present: the student
+    # fit found no mode that beats the input: no default, and auto says so instead of running one
+    common.write_text(common.read_text().replace("default_mode: student", "default_mode: null"))
+    with pytest.raises(InputError, match=r"no mode of this bundle was estimated to beat the noisy input .* --mode"):
+        load_model(student, "auto", "cpu", [str(overlay)])
+    assert load_model(student, "bsn", "cpu", [str(overlay)]).mode == "bsn"
 
 
 def test_a_volume_streams_through_the_model_in_batches_holding_one_output_volume(tmp_path):
