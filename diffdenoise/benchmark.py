@@ -60,6 +60,7 @@ from diffdenoise.baselines import (
 )
 from diffdenoise.data import SPLITS, load_datalist, prepare
 from diffdenoise.errors import InputError
+from diffdenoise.io import atomic_folder
 from diffdenoise.metrics import noise_leak, psnr, ssim
 from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS
 from diffdenoise.pipeline import Step, method_overlay, pipeline_steps, stage_keys
@@ -568,9 +569,8 @@ def _prepare_repeats(dataset: Dataset, src: Path, case_dir: Path, seed: int, pro
     if absent:
         raise InputError(src, f"repeat volume(s) {absent} not found; prepare found {sorted(volumes)}")
     low, high = volumes[dataset.noisy_volume]["intensity_range"]
-    tmp = case_dir / f".data.{uuid.uuid4().hex[:8]}.partial"
-    (tmp / "reference").mkdir(parents=True)
-    try:
+    with atomic_folder(case_dir / "data") as tmp:  # also removes what a killed earlier run left there
+        (tmp / "reference").mkdir()
         datalist = {split: [] for split in SPLITS}
         for split in SPLITS:
             for item in listing[split]:
@@ -591,10 +591,6 @@ def _prepare_repeats(dataset: Dataset, src: Path, case_dir: Path, seed: int, pro
             "counts": {split: len(datalist[split]) for split in SPLITS},
         }
         (tmp / "datalist.json").write_text(json.dumps(datalist, indent=1))
-        os.replace(tmp, case_dir / "data")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return case_dir / "data" / "datalist.json"
 
 

@@ -10,9 +10,6 @@ writes ``.npy`` slices plus ``datalist.json`` for ``monai.data.load_decathlon_da
 import csv
 import json
 import logging
-import os
-import shutil
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from tqdm import tqdm
 
 from diffdenoise import __version__
 from diffdenoise.errors import InputError
-from diffdenoise.io import MODALITIES, Volume, file_stem, scan_volumes
+from diffdenoise.io import MODALITIES, Volume, atomic_folder, file_stem, scan_volumes
 from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS, SyntheticNoise
 
 logger = logging.getLogger(__name__)
@@ -217,10 +214,7 @@ def prepare(
     noisers = _noisers(sources, noise, level, correlation, seed, modality)
     by_group = len({source.group for source in sources}) >= 3
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"  # not mkdtemp: its 0700 mode would stick
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:  # also removes what a killed earlier run left beside `out`
         items, split_of, volumes = [], {}, {}
         for source in tqdm(sources, desc="prepare", unit="volume", disable=not progress):
             volume = source.read()
@@ -276,10 +270,6 @@ def prepare(
             "volumes": volumes,
         }
         (tmp / "datalist.json").write_text(json.dumps(datalist, indent=1))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / "datalist.json"
 
 

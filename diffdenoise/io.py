@@ -26,6 +26,7 @@ import numbers
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -553,16 +554,28 @@ def atomic_folder(out, overwrite: bool = False):
 
     Readers never see a half-written output, and a failure leaves none: the folder is built under a
     temporary name on the same filesystem and renamed. With ``overwrite`` an existing ``out`` is moved
-    aside first and deleted after the rename; otherwise ``out`` may only be an empty folder.
+    aside first and deleted after the rename; otherwise ``out`` may only be an empty folder (checked on
+    entry, before any work).
+
+    A run killed inside the block (``kill -9``, power loss) cannot clean up, so the next ``atomic_folder``
+    for the same ``out`` does it on entry, see ``remove_stale_partials``: the hidden folder is named
+    ``.<out name>.<host>.<pid>.<8 hex>.partial``, and leftovers of processes of this host that have
+    ended are removed, while those of a live process (a concurrent run writing the same output) are kept.
 
     Args:
         out: the output folder to create.
         overwrite: replace an existing ``out``.
+
+    Raises:
+        InputError: ``out`` exists, is not an empty folder and ``overwrite`` is off.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"  # not mkdtemp: its 0700 mode would stick
-    tmp.mkdir()
+    remove_stale_partials(out)
+    if not overwrite and out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise InputError(out, "output already exists; replace it with --overwrite or pick a new folder")
+    tmp = partial_path(out)
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would stick
     stale = tmp.with_suffix(".old")
     try:
         yield tmp
@@ -574,10 +587,118 @@ def atomic_folder(out, overwrite: bool = False):
         if stale.exists() and not out.exists():  # the rename failed: put the old output back
             stale.rename(out)
         raise
-    if stale.is_dir():
-        shutil.rmtree(stale)
-    elif stale.exists():
-        stale.unlink()
+    _remove(stale)
+
+
+def _host() -> str:
+    """This machine's name as it goes into partial names: no dots, so names split unambiguously."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname())[:64].strip("-") or "host"
+
+
+def partial_path(out) -> Path:
+    """A new hidden name beside ``out`` for building it: ``.<out name>.<host>.<pid>.<8 hex>.partial``.
+
+    The host and process id let a later run tell the leftovers of a killed run from the work of a live one
+    (``remove_stale_partials``); the random part keeps two folders of one process apart. Nothing is created.
+    """
+    out = Path(out)
+    return out.parent / f".{out.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine; True when it cannot be told (never deletes wrongly)."""
+    if os.name != "posix":  # Windows' os.kill(pid, 0) would end the process instead of probing it
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):  # not a process id this system can have
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Deletes a file or folder tree if it (still) exists; another run may be removing it at the same time."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_partials(out) -> list[Path]:
+    """Cleans up what runs killed while building ``out`` left beside it, and says where the rest is.
+
+    ``atomic_folder`` (so ``prepare``, ``fit``, ``denoise``, the stage outputs and the benchmark's data)
+    and the deploy writer build ``out`` in ``.<out name>.<host>.<pid>.<hex>.partial`` and, when
+    overwriting, move the previous ``out`` aside to the same name ending ``.old``. A process killed with
+    ``kill -9`` leaves these behind. For each such entry of this ``out`` (other outputs' are never touched):
+
+    - made on this host by a process that no longer exists (``os.kill(pid, 0)`` raises
+      ``ProcessLookupError``): removed, except a ``.old`` while ``out`` is missing: the run was killed
+      between moving the previous output aside and renaming the new one into place, so the previous
+      output is renamed back to ``out`` (as an ordinary failure in ``atomic_folder`` would have done);
+    - made by a live process (a concurrent run writing the same output; or a reused process id): kept;
+    - made on another host (a shared filesystem), or named in the scheme of diffdenoise before this
+      check (``.<out name>.<8 hex>.partial``, no process id): kept, since whether its run is still going
+      cannot be told from here; no age limit is used either, as training runs can last days.
+
+    Everything kept is named in one ``logger.warning`` line, so that it can be deleted by hand once no run
+    is writing ``out``. A process id reused by another program only keeps a leftover longer (never deletes
+    a live run's); two containers with one host name and separate process-id namespaces sharing the
+    folder would defeat the check (give them distinct host names).
+
+    Args:
+        out: the output path whose leftovers are looked for in its parent folder.
+
+    Returns:
+        The paths removed or restored to ``out``.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(  # host and pid absent in the older scheme
+        rf"\.{re.escape(out.name)}\.(?:(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>[0-9]+)\.)?[0-9a-f]{{8}}"
+        r"\.(?P<kind>partial|old)"
+    )
+    host, cleaned, kept = _host(), [], []
+    # .old first: a killed overwrite's previous output goes back to `out` before anything else happens.
+    entries = sorted(out.parent.iterdir(), key=lambda p: not p.name.endswith(".old"))
+    for path in entries:
+        match = pattern.fullmatch(path.name)
+        if match is None:
+            continue
+        if match["pid"] is None:
+            kept.append(f"{path} (no process id: made by an older diffdenoise)")
+        elif match["host"] != host:
+            kept.append(f"{path} (made on host {match['host']})")
+        elif _pid_alive(int(match["pid"])):
+            kept.append(f"{path} (process {match['pid']} is running)")
+        else:
+            try:
+                if match["kind"] == "old" and not out.exists():
+                    path.rename(out)
+                    logger.warning("%s: restored from %s, left by a run killed while replacing it", out, path.name)
+                else:
+                    _remove(path)
+                    logger.info("%s: removed, left by a run (process %s) that was killed", path, match["pid"])
+            except FileNotFoundError:  # a concurrent run cleaned it first
+                continue
+            except OSError as exc:  # e.g. another user's folder: say so, never fail the run for it
+                kept.append(f"{path} (could not be removed: {one_line(exc)})")
+                continue
+            cleaned.append(path)
+    if kept:
+        logger.warning("%s: kept %d unfinished output(s) of other runs beside it: %s; delete them once no run "
+                       "is writing %s", out, len(kept), "; ".join(kept), out.name)  # fmt: skip
+    return cleaned
 
 
 def _quantise(values: np.ndarray, dtype, low=None, high=None) -> np.ndarray:

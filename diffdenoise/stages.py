@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from diffdenoise.data import load_datalist
 from diffdenoise.errors import InputError, one_line, raise_missing
+from diffdenoise.io import atomic_folder
 
 SPLITS = ("training", "validation", "test")
 
@@ -118,29 +117,24 @@ def write_stage_outputs(
     dataset_dir = datalist_path.parent
     raw = json.loads(datalist_path.read_text())
     out_dir = dataset_dir / key
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=dataset_dir))
     device = torch.device(device)
     network = network.to(device).eval()
     result: dict = {"meta": {**raw.get("meta", {}), "stage_output": key, "inputs": list(input_keys)}}
-    for split in SPLITS:
-        items = load_datalist(datalist_path, split)
-        result[split] = []
-        for raw_item, item in tqdm(list(zip(raw.get(split, []), items)), desc=f"{key} ({split})", disable=not progress):
-            tensors = [torch.from_numpy(np.load(item[k]))[None, None].float().to(device) for k in input_keys]
-            with torch.inference_mode():
-                kwargs = {"condition": tensors[1]} if len(tensors) > 1 else {}
-                pred = inferer(tensors[0], network, **kwargs)
-            target = tmp_dir / f"{item['id']}.npy"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            np.save(target, pred[0, 0].float().cpu().numpy())
-            result[split].append({**raw_item, key: f"{key}/{item['id']}.npy"})
-    if out_dir.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{key}-stale-", dir=dataset_dir))
-        out_dir.rename(stale / key)
-        tmp_dir.rename(out_dir)
-        shutil.rmtree(stale)
-    else:
-        tmp_dir.rename(out_dir)
+    # A stage run again replaces its outputs; a killed run's leftovers beside them are removed on entry.
+    with atomic_folder(out_dir, overwrite=True) as tmp_dir:
+        for split in SPLITS:
+            items = load_datalist(datalist_path, split)
+            result[split] = []
+            for raw_item, item in tqdm(list(zip(raw.get(split, []), items)), desc=f"{key} ({split})",
+                                       disable=not progress):  # fmt: skip
+                tensors = [torch.from_numpy(np.load(item[k]))[None, None].float().to(device) for k in input_keys]
+                with torch.inference_mode():
+                    kwargs = {"condition": tensors[1]} if len(tensors) > 1 else {}
+                    pred = inferer(tensors[0], network, **kwargs)
+                target = tmp_dir / f"{item['id']}.npy"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                np.save(target, pred[0, 0].float().cpu().numpy())
+                result[split].append({**raw_item, key: f"{key}/{item['id']}.npy"})
     new_datalist = dataset_dir / f"datalist_{key}.json"
     tmp_json = new_datalist.with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(result, indent=1))

@@ -17,14 +17,21 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from diffdenoise.errors import InputError
-from diffdenoise.io import DICOM_MODALITIES, DerivedSeriesUIDs, Volume, file_stem, write_volume
+from diffdenoise.io import (
+    DICOM_MODALITIES,
+    DerivedSeriesUIDs,
+    Volume,
+    file_stem,
+    partial_path,
+    remove_stale_partials,
+    write_volume,
+)
 
 __all__ = ["check_invertible", "polarity", "series_volume_id", "write_series"]
 
@@ -81,7 +88,8 @@ def write_series(datasets: Sequence, array, out, derivation: str = "", report: d
     Returns:
         The written series: ``out/<volume_id>/`` (one file per input file, same names), or
         ``out/<volume_id>.dcm`` for a one-file series. An existing one of that name is replaced, and it
-        appears only once complete.
+        appears only once complete: it is built in ``out/.<volume_id>.<host>.<pid>.<hex>.partial``, and
+        what a killed run left there is removed by the next (``diffdenoise.io.remove_stale_partials``).
 
     Raises:
         InputError: a slice count or size that differs from ``array``, a dataset not read from a file,
@@ -115,7 +123,8 @@ def write_series(datasets: Sequence, array, out, derivation: str = "", report: d
     source = os.path.commonpath(files) if len(files) > 1 else files[0]
     volume = Volume(array, source, volume_id, str(first.get("PatientID") or volume_id), modality, meta)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".{volume_id}.{uuid.uuid4().hex[:8]}.partial"
+    remove_stale_partials(out / volume_id)  # what a killed earlier run left
+    staging = partial_path(out / volume_id)
     staging.mkdir()
     try:
         series_uids = DerivedSeriesUIDs()
@@ -133,10 +142,8 @@ def write_series(datasets: Sequence, array, out, derivation: str = "", report: d
             (staging / f"{volume_id}.json").write_text(json.dumps(report, indent=1, default=_plain))
         for item in sorted(staging.iterdir()):
             target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            if target.exists() or target.is_symlink():  # an older output: deleted with the staging folder
+                target.rename(staging / f"{item.name}.replaced")
             os.replace(item, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
