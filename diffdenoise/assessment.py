@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,12 @@ def assess_bundle(bundle, dataset_dir, max_slices: int = 8, device: str | None =
     picks = np.unique(np.linspace(0, len(items) - 1, min(max_slices, len(items))).round().astype(int))
     noisy = [np.load(items[k]["image"]) for k in picks]
     estimates, seconds = {}, {}
-    for mode in trained_modes(bundle):
-        denoiser = load_model(bundle, mode, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        # fit assesses the bundle before it is renamed into place: its configs name the final dataset_dir
+        overlay = Path(tmp) / "dataset.yaml"
+        overlay.write_text(json.dumps({"dataset_dir": str(Path(dataset_dir).absolute())}))
+        denoisers = {mode: load_model(bundle, mode, device, [str(overlay)]) for mode in trained_modes(bundle)}
+    for mode, denoiser in denoisers.items():
         started = time.perf_counter()
         estimates[mode] = estimate_gain(denoiser, noisy, model, float(level), corr, seed)
         seconds[mode] = time.perf_counter() - started

@@ -18,7 +18,7 @@ from diffdenoise.denoise import load_model
 STAGE_CONFIGS = {"common", "train_bsn", "infer_bsn", "train_diffusion", "sample_srds", "train_student", "inference"}
 
 
-def test_fit_leaves_a_bundle_that_monai_bundle_run_and_denoise_use(shared_data, tmp_path):
+def test_fit_leaves_a_bundle_that_monai_bundle_run_and_denoise_use(shared_data, tmp_path, capsys):
     """Two iterations (the second conditioned on the first student); the bundle ships the last student."""
     src = shared_data / "phantom_mri_epi_repeats/series/0126.dcm"  # one EPI repeat: 63 frames, real noise
     before = hashlib.sha256(src.read_bytes()).hexdigest()
@@ -33,6 +33,16 @@ def test_fit_leaves_a_bundle_that_monai_bundle_run_and_denoise_use(shared_data, 
     assert "clean" not in datalist["training"][0]
     assert {"bsn", "srds", "student", "srds_iter2", "student_iter2"} <= set(datalist["training"][0])
     assert not list(tmp_path.glob(".my_bundle*"))  # no partial folder left beside it
+
+    # every mode's estimated gain on the validation slices, printed and stored; the best positive one is the default
+    report = (run_dir / "report.md").read_text()
+    assert report in capsys.readouterr().out
+    assessment = json.loads((run_dir / "configs" / "metadata.json").read_text())["diffdenoise_assessment"]
+    gains = {mode: row["estimated_gain_db"] for mode, row in assessment["modes"].items()}
+    assert set(gains) == {"bsn", "srds", "student"} and all(f"`{mode}`" in report for mode in gains)
+    best = max(gains, key=gains.get)
+    assert assessment["default_mode"] == (best if gains[best] > 0 else None) and assessment["split"] == "validation"
+    assert ConfigParser.load_config_file(run_dir / "configs" / "common.yaml")["default_mode"] == assessment["default_mode"]
 
     # iteration 2's diffusion model was fine-tuned from iteration 1's: far nearer to it than a fresh one is
     first, second = (torch.load(run_dir / "models" / f"diffusion{s}.pt", weights_only=True) for s in ("", "_iter2"))
@@ -68,8 +78,10 @@ def test_fit_leaves_a_bundle_that_monai_bundle_run_and_denoise_use(shared_data, 
     session = onnxruntime.InferenceSession(str(run_dir / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"image": noisy.numpy()})[0][0, 0], student_out, atol=1e-5)
 
-    # and `diffdenoise denoise` uses the bundle (the student, found by default) on a scan
+    # and `diffdenoise denoise` runs the bundle's student on a scan, reporting its estimated gain
     out = tmp_path / "denoised"
-    assert main(["denoise", str(src), str(out), "--bundle", str(run_dir)]) == 0
+    assert main(["denoise", str(src), str(out), "--bundle", str(run_dir), "--mode", "student"]) == 0
     written = sorted(out.rglob("*.dcm"))
     assert written and pydicom.dcmread(written[0]).SeriesInstanceUID != pydicom.dcmread(src).SeriesInstanceUID
+    (volume_report,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert volume_report["mode"] == "student" and "estimated_gain_db" in volume_report["quality"]
