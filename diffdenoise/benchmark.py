@@ -65,7 +65,7 @@ from diffdenoise.metrics import noise_leak, psnr, ssim
 from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS
 from diffdenoise.pipeline import Step, method_overlay, pipeline_steps, stage_keys
 from diffdenoise.report import paired_best, save_visual_grid, significance_table
-from diffdenoise.stages import overlay_path, run_stage, stage_parser
+from diffdenoise.stages import overlay_path, run_stage, stage_denoiser, stage_parser
 
 logger = logging.getLogger(__name__)
 
@@ -262,22 +262,6 @@ def _overlays(settings: FitSettings, method: str = "paper") -> list[str]:
     return [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation), method_overlay(method)]
 
 
-def _bundle_denoiser(stage: str, overlays: Sequence[str], keys: Mapping[str, Any], inferer_key: str) -> Denoiser:
-    """A slice denoiser built from a stage config's ``network`` and ``inferer_key``, after its ``initialize``
-    (which loads the trained checkpoint or fails naming the missing key), so no network is redefined here."""
-    parser = stage_parser(stage, overlays, **keys)
-    parser.get_parsed_content("initialize")
-    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content(inferer_key)
-    device = next(network.parameters()).device
-
-    def denoise(noisy: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.as_tensor(noisy, dtype=torch.float32, device=device)[None, None]
-            return inferer(x, network)[0, 0].float().cpu().numpy()
-
-    return denoise
-
-
 def _steps_upto(steps: Sequence[Step], name: str) -> list[Step]:
     """The pipeline's config runs (``diffdenoise.pipeline.pipeline_steps``) from the first to the one ``name``."""
     return list(steps[:[step.name for step in steps].index(name) + 1])
@@ -377,7 +361,7 @@ def _fit_stage(upto: str, denoiser: str, inferer_key: str, method: str = "paper"
         steps = pipeline_steps(Path(keys["dataset_dir"]), ITERATIONS)
         needed = [step.name for step in _steps_upto(steps, upto)]
         step = next(step for step in steps if step.name == denoiser)
-        return Fitted(_bundle_denoiser(step.config, [*_overlays(settings, method), *step.overlays], {**keys, **step.keys},
+        return Fitted(stage_denoiser(step.config, [*_overlays(settings, method), *step.overlays], {**keys, **step.keys},
                                        inferer_key),
                       sum(state["seconds"][n] for n in needed), sum(state["cpu_seconds"][n] for n in needed))
 
@@ -394,7 +378,7 @@ def _fit_supervised(train_noisy, workdir, settings) -> Denoiser:
     keys = {"dataset_dir": str(settings.dataset_dir), "bundle_root": str(workdir / "bundle"), "seed": settings.seed,
             "student_datalist_path": str(datalist), "student_target_key": "clean", **settings.options}
     run_stage("train_student", _overlays(settings), **keys)
-    return _bundle_denoiser("inference", _overlays(settings), keys, "inferer")
+    return stage_denoiser("inference", _overlays(settings), keys, "inferer")
 
 
 METHODS: dict[str, Method] = {

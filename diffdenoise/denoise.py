@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -324,7 +325,8 @@ def estimate_volume_gain(volume: Volume, model: Model, intensity_range, slices: 
     noise = model.noise
     try:
         level, source = resolve_noise_level(normalised, noise["model"], noise["level"], noise["correlation_sigma"])
-        estimate = estimate_gain(model, normalised, noise["model"], level, noise["correlation_sigma"], seed)
+        exact = dataclasses.replace(model, precision="float32")  # bf16 rounding would swamp the probe's difference
+        estimate = estimate_gain(exact, normalised, noise["model"], level, noise["correlation_sigma"], seed)
     except ValueError as exc:
         return {"skipped": one_line(exc)}
     where = "the bundle's noise_level" if source == "bundle" else "measured on these slices (diffdenoise.noise_level)"

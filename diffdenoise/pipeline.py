@@ -46,6 +46,10 @@ STAGES = (
     Stage("student", ("train_student", "inference"), ("student",), ("student (stage 4)",)),
 )
 LABELS = {"image": "noisy input", **{k: label for s in STAGES for k, label in zip(s.outputs, s.labels)}}
+# the denoising outputs, each with the config whose network makes it and that config's inferer key
+# (``diffdenoise.stages.stage_denoiser``); x_c (``bsn``) is the blind condition, not a denoiser's output
+DENOISER_OUTPUTS = {"bsn_posterior": ("infer_bsn", "bsn_denoiser"), "srds": ("sample_srds", "srds_inferer"),
+                    "student": ("inference", "inferer")}
 # the stages an iteration > 1 repeats, and the overlay that chains them to the previous iteration
 ITERATED = ("srds", "student")
 ITERATION_OVERLAY = "iteration"

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -90,6 +90,25 @@ def stage_parser(stage: str, overlays: Sequence[str] = (), **overrides):
     parser.read_config(stage_config_files(stage, overlays))
     parser.update(overrides)
     return parser
+
+
+def stage_denoiser(stage: str, overlays: Sequence[str], keys: Mapping[str, Any], inferer_key: str) -> Callable:
+    """A denoiser built from a stage config's ``network`` and ``inferer_key``, after its ``initialize`` (which loads
+    the trained checkpoint or fails naming the missing key), so no network is redefined outside the bundle.
+
+    It maps float32 slices (..., H, W) in [0, 1], one (H, W) slice or a (B, H, W) batch, to denoised ones."""
+    parser = stage_parser(stage, overlays, **keys)
+    parser.get_parsed_content("initialize")
+    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content(inferer_key)
+    device = next(network.parameters()).device
+
+    def denoise(noisy: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.as_tensor(noisy, dtype=torch.float32, device=device)
+            out = inferer(x.reshape(-1, 1, *x.shape[-2:]), network)
+            return out.float().cpu().numpy().reshape(x.shape)
+
+    return denoise
 
 
 def write_stage_outputs(

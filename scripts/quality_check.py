@@ -19,19 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffdenoise.benchmark import _bundle_denoiser, _test_items
-from diffdenoise.pipeline import pipeline_steps
+from diffdenoise.benchmark import _test_items
+from diffdenoise.pipeline import DENOISER_OUTPUTS, LABELS, STAGES, pipeline_steps
 from diffdenoise.quality import estimate_gain, psnr_from_mse, resolve_noise_level
-
-# (label, config whose network runs, its inferer key) of each stage a pipeline's state may hold
-STAGES = (("stage 1 (BSN + re-injection)", "train_bsn", "infer_bsn", "bsn_denoiser"),
-          ("stages 2-3 (SRDS / Tweedie)", "train_diffusion", "sample_srds", "srds_inferer"),
-          ("stage 4 (student)", "train_student", "inference", "inferer"))
-
-
-def _per_slice(denoise_one):
-    return lambda batch: np.stack([denoise_one(s) for s in batch])
-
+from diffdenoise.stages import stage_denoiser
 
 def check_case(case: Path, max_slices: int) -> list[dict]:
     items = _test_items(case / "data" / "datalist.json", max_slices)
@@ -46,16 +37,17 @@ def check_case(case: Path, max_slices: int) -> list[dict]:
         model, level, corr = keys["noise_model"], keys["noise_level"], keys.get("noise_correlation_sigma", 0.0)
         estimated_level, _ = resolve_noise_level(noisy, model, None, corr)
         steps = {step.name: step for step in pipeline_steps(Path(keys["dataset_dir"]))}
-        for label, trained_by, config, inferer_key in STAGES:
+        for key, (config, inferer_key) in DENOISER_OUTPUTS.items():
+            trained_by = next(stage.configs[0] for stage in STAGES if key in stage.outputs)
             if trained_by not in run["seconds"]:
                 continue
             started = time.perf_counter()
-            denoiser = _per_slice(_bundle_denoiser(config, overlays + list(steps[config].overlays), keys, inferer_key))
+            denoiser = stage_denoiser(config, overlays + list(steps[config].overlays), keys, inferer_key)
             true = psnr_from_mse([np.mean((np.clip(denoiser(y[None])[0], 0, 1) - x) ** 2) for y, x in zip(noisy, clean)])
             known = estimate_gain(denoiser, noisy, model, level, corr)
             guessed = estimate_gain(denoiser, noisy, model, estimated_level, corr)
             true_input = psnr_from_mse([np.mean((np.clip(y, 0, 1) - x) ** 2) for y, x in zip(noisy, clean)])
-            rows.append({"case": case.name, "pipeline": state_file.parent.name, "stage": label,
+            rows.append({"case": case.name, "pipeline": state_file.parent.name, "stage": LABELS[key],
                          "true_input": true_input.mean(), "true": true.mean(),
                          "estimated": known.psnr_output.mean(), "estimated_input": known.psnr_input.mean(),
                          "estimated_level": guessed.psnr_output.mean(), "level": level,
