@@ -51,11 +51,14 @@ class Assessment:
     def table(self) -> str:
         """Markdown: one row per mode, estimated PSNR of the input and the output and the gain, the default marked."""
         rows = ["| mode | stage | estimated PSNR input (dB) | estimated PSNR output (dB) | estimated gain (dB) | "
-                "seconds |", "|---|---|---|---|---|---|"]
+                "seconds | note |", "|---|---|---|---|---|---|---|"]
         for mode, estimate in self.estimates.items():
             chosen = " (default)" if mode == self.default_mode else ""
+            note = (f"{estimate.implausible_slices} slices estimated noise-free: the noise level is probably too "
+                    "high; set noise_level if you know it" if estimate.implausible_slices else "")
             rows.append(f"| `{mode}`{chosen} | {MODE_LABELS[mode]} | {np.mean(estimate.psnr_input):.2f} | "
-                        f"{np.mean(estimate.psnr_output):.2f} | {estimate.gain_db:+.2f} | {self.seconds[mode]:.0f} |")
+                        f"{np.mean(estimate.psnr_output):.2f} | {estimate.gain_db:+.2f} | {self.seconds[mode]:.0f} | "
+                        f"{note} |")
         return "\n".join(rows)
 
     def as_dict(self) -> dict:
@@ -133,5 +136,8 @@ def _report_text(assessment: Assessment) -> str:
             f"PSNR was estimated from the noisy slices alone (diffdenoise.quality: SURE for Gaussian noise, "
             f"generalised SURE for correlated Gaussian, PURE for Poisson), with the noise model "
             f"`{first.noise_model}`, level {first.noise_level:.6g} ({assessment.noise_level_source}) and correlation "
-            f"kernel {first.noise_correlation_sigma:g} px. Estimates assume that noise model; on synthetic cases "
-            f"they were within 0.3 dB of the true PSNR (docs/results.md).\n\n{assessment.table()}\n\n{default}\n")
+            f"kernel {first.noise_correlation_sigma:g} px. Estimates assume that noise model and level: with the "
+            f"true level they were within 0.2 dB of the true PSNR on synthetic cases, while a level a few percent "
+            f"too high overstates a strong denoiser's gain by dBs, and white noise assumed where the noise is "
+            f"spatially correlated favours outputs that copy it (docs/results.md, issue 19). Pass `--noise_level` "
+            f"and `--overlays noise/correlated` when you know them.\n\n{assessment.table()}\n\n{default}\n")

@@ -149,11 +149,18 @@ class QualityEstimate:
     def gain_db(self) -> float:
         return float(np.mean(self.psnr_output - self.psnr_input))
 
+    @property
+    def implausible_slices(self) -> int:
+        """Slices whose output MSE was estimated at or below zero: no output is that good, so the noise level
+        (or model) is wrong there, most likely too high, and the gain is overstated."""
+        return int(np.sum(self.psnr_output >= psnr_from_mse(0.0)))
+
     def summary(self) -> dict:
         """The JSON-ready numbers: mean estimated PSNRs, the gain, the slice count and the noise used."""
         return {"estimated_psnr_input_db": round(float(np.mean(self.psnr_input)), 3),
                 "estimated_psnr_output_db": round(float(np.mean(self.psnr_output)), 3),
                 "estimated_gain_db": round(self.gain_db, 3), "estimate_slices": len(self.psnr_input),
+                "implausible_slices": self.implausible_slices,
                 "noise_model": self.noise_model, "noise_level": self.noise_level,
                 "noise_correlation_sigma": self.noise_correlation_sigma}
 
