@@ -104,7 +104,7 @@ CASES = {
     ),
     "unknown-mode": (
         lambda tmp, b: (_noisy_png(tmp), tmp / "out", {"--mode": "bm3d"}),
-        r"--mode: 'bm3d' is not one of bsn, student, srds",
+        r"--mode: 'bm3d' is not one of auto, bsn, student, srds",
     ),
     "unknown-precision": (
         lambda tmp, b: (_noisy_png(tmp), tmp / "out", {"--precision": "fp8"}),
