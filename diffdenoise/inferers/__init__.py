@@ -2,5 +2,6 @@
 
 from .blind_spot import BlindSpotInferer
 from .posterior import PosteriorReinjection
+from .prior import PriorInferer
 from .srds import SRDSInferer
 from .tweedie import AntitheticTweedieInferer, RecorruptedX0Inferer

@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from diffdenoise.data import load_datalist
 from diffdenoise.metrics import score_datalist
+from diffdenoise.networks import BlindSpotNet
 from diffdenoise.stages import run_stage, stage_config_files
 
 
@@ -44,6 +46,26 @@ def test_training_works_without_clean_slices(trained, tmp_path):
     run_stage("train_bsn", ["presets/smoke"], dataset_dir=str(noisy_only), bundle_root=str(tmp_path / "bundle"),
               epoch_length=5, max_epochs=1)
     assert (tmp_path / "bundle" / "models" / "bsn.pt").is_file()
+
+
+def test_learned_prior_overlay_trains_on_the_likelihood_and_denoises_by_its_posterior(trained, tmp_path):
+    """stage1/learned_prior: train_bsn fits mu, v and the noise level (noise_level null); infer_bsn writes both keys."""
+    data, _, _ = trained
+    copy = tmp_path / "data"
+    copy.mkdir()
+    (copy / "slices").symlink_to(data / "slices")
+    (copy / "datalist.json").write_text((data / "datalist.json").read_text())
+    overlays = ["presets/smoke", "stage1/learned_prior"]
+    bundle_root = tmp_path / "bundle"
+    run_stage("train_bsn", overlays, dataset_dir=str(copy), bundle_root=str(bundle_root), epoch_length=5, max_epochs=1)
+    weights = torch.load(bundle_root / "models" / "bsn.pt", weights_only=True)
+    assert weights["tail.6.weight"].shape[0] == 2, "the variance head is missing"
+    start = float(BlindSpotNet(features=2, num_blocks=0, prior_variance=True).noise_log_scale)
+    assert float(weights["noise_log_scale"]) != pytest.approx(start), "the noise level was not trained"
+    run_stage("infer_bsn", overlays, dataset_dir=str(copy), bundle_root=str(bundle_root))
+    for key in ("bsn", "bsn_posterior"):
+        items = load_datalist(copy / f"datalist_{key}.json", "test")
+        assert items and all(np.isfinite(np.load(i[key])).all() for i in items)
 
 
 def test_unknown_stage_and_overlay_name_the_choices():

@@ -1,5 +1,7 @@
 """PosteriorReinjection: the noise variances it relies on, its limits, and a real gain over both its inputs."""
 
+import math
+
 import numpy as np
 import pydicom
 import pytest
@@ -80,8 +82,54 @@ def test_wraps_the_blind_inferer_with_a_trained_style_network():
     assert expected.shape == x.shape
 
 
+def _prior_net() -> BlindSpotNet:
+    torch.manual_seed(0)
+    return BlindSpotNet(features=8, num_blocks=1, pd_stride=2, prior_variance=True).eval()
+
+
+@pytest.mark.parametrize("level", [SIGMA, None], ids=["known", "learned_level"])
+def test_learned_prior_is_the_gaussian_posterior_at_the_blind_inferers_stride(level):
+    net = _prior_net()
+    with torch.no_grad():
+        net.noise_log_scale.fill_(math.log(SIGMA**2))
+    x = torch.rand(2, 1, 30, 34)
+    denoiser = PosteriorReinjection(BlindSpotInferer(pd_stride=3), "gaussian", level, prior="learned")
+    with torch.no_grad():
+        mean, std = denoiser.posterior(x, net)
+        mu, v = net.prior(x, pd_stride=3)
+        out = denoiser(x, net)
+    s2 = SIGMA**2
+    torch.testing.assert_close(mean, (v * x + s2 * mu) / (v + s2))
+    torch.testing.assert_close(std, (v * s2 / (v + s2)).sqrt())
+    assert torch.equal(out, mean)
+    assert bool((std <= SIGMA + 1e-6).all()), "seeing y never leaves more uncertainty than the noise"
+
+
+def test_learned_prior_uses_the_signal_dependent_noise_at_mu():
+    net = _prior_net()
+    with torch.no_grad():
+        net.noise_log_scale.fill_(math.log(1 / 300))  # lambda 300, learned
+    x = torch.rand(1, 1, 20, 20)
+    with torch.no_grad():
+        mean = PosteriorReinjection(BlindSpotInferer(), "poisson", None, prior="learned")(x, net)
+        mu, v = net.prior(x)
+    s2 = mu.clamp(min=0) / 300
+    torch.testing.assert_close(mean, (v * x + s2 * mu) / (v + s2))
+
+
+def test_box_posterior_mean_is_the_unchanged_denoiser_and_its_std_is_small_where_flat():
+    torch.manual_seed(0)
+    flat = torch.full((1, 1, 64, 64), 0.5)
+    noisy = flat + SIGMA * torch.randn_like(flat)
+    denoiser = PosteriorReinjection(BlindSpotInferer(), "gaussian", level=SIGMA)
+    mean, std = denoiser.posterior(noisy, NeighbourMean())
+    assert torch.equal(mean, denoiser(noisy, NeighbourMean()))
+    assert float(std.mean()) < 0.5 * SIGMA
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"noise": "speckle"}, "Set `noise`"),
+    ({"prior": "gaussian"}, "Set `prior`"),
     ({"noise": "poisson", "level": None}, "Set `level`"),
     ({"noise": "gamma", "level": -1.0}, "level"),
     ({"window": 4}, "Set `window`"),

@@ -14,25 +14,28 @@ PIXELS = [(15, 16), (29, 31), (30, 32)]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _net(train_stride: int) -> BlindSpotNet:
+def _net(train_stride: int, prior_variance: bool = False) -> BlindSpotNet:
     torch.manual_seed(0)  # a seed whose random ReLU net is not constant (about 1 in 20 tiny nets are)
-    return BlindSpotNet(features=8, num_blocks=2, pd_stride=train_stride)
+    return BlindSpotNet(features=8, num_blocks=2, pd_stride=train_stride, prior_variance=prior_variance)
 
 
-def _input_grad(net: BlindSpotNet, x: torch.Tensor, pixel: tuple, **kwargs) -> torch.Tensor:
+def _input_grad(net: BlindSpotNet, x: torch.Tensor, pixel: tuple, head: str = "mean", **kwargs) -> torch.Tensor:
+    """d out[pixel] / d x, where out is the prior mean (``forward``) or the prior variance (``prior``)."""
     x = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(net(x, **kwargs)[0, 0][pixel], x)
+    out = net(x, **kwargs) if head == "mean" else net.prior(x, **kwargs)[1]
+    (grad,) = torch.autograd.grad(out[0, 0][pixel], x)
     return grad
 
 
+@pytest.mark.parametrize("head", ["mean", "variance"])
 @pytest.mark.parametrize("override", [False, True], ids=["init_stride", "call_stride"])
 @pytest.mark.parametrize("s", [1, 2, 3])
-def test_blind_square_exact(s, override):
-    net = _net(5 if override else s)
+def test_blind_square_exact(s, override, head):
+    net = _net(5 if override else s, prior_variance=head == "variance")
     kwargs = {"pd_stride": s} if override else {}
     x = torch.rand(1, 1, 31, 33, generator=torch.Generator().manual_seed(s))
     for i, j in PIXELS:
-        grad = _input_grad(net, x, (i, j), **kwargs)[0, 0]
+        grad = _input_grad(net, x, (i, j), head, **kwargs)[0, 0]
         square = grad[max(i - s + 1, 0) : i + s, max(j - s + 1, 0) : j + s]
         assert torch.count_nonzero(square) == 0, f"pixel {(i, j)} sees its own (2s-1)^2 square, s={s}"
         off_lattice = torch.ones_like(grad, dtype=torch.bool)
@@ -60,13 +63,34 @@ def test_batch_items_independent():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-def test_torchscript_matches_eager():
+@pytest.mark.parametrize("prior_variance", [False, True])
+def test_torchscript_matches_eager(prior_variance):
     """The bundle exports model.ts with ckpt_export, which scripts the network."""
-    net = _net(3).eval()
+    net = _net(3, prior_variance).eval()
     x = torch.rand(2, 1, 20, 19)
     scripted = torch.jit.script(net)
     torch.testing.assert_close(scripted(x), net(x))
     torch.testing.assert_close(scripted(x, pd_stride=1), net(x, pd_stride=1))
+    if prior_variance:
+        torch.testing.assert_close(scripted(x, variance=True), torch.cat(net.prior(x), dim=1))
+
+
+def test_prior_variance_adds_a_head_and_keeps_forward_the_mean():
+    x = torch.rand(2, 3, 17, 10)
+    net = BlindSpotNet(in_channels=3, out_channels=2, features=8, num_blocks=1, pd_stride=2, prior_variance=True)
+    mu, v = net.prior(x)
+    assert mu.shape == v.shape == (2, 2, 17, 10) and bool((v > 0).all())
+    torch.testing.assert_close(net(x), mu)
+    assert net(x, variance=True).shape == (2, 4, 17, 10)
+    assert net.noise_log_scale.shape == () and any(p is net.noise_log_scale for p in net.parameters())
+
+
+def test_without_prior_variance_the_network_is_unchanged():
+    net = _net(2)
+    assert not hasattr(net, "noise_log_scale")
+    assert net.tail[-1].out_channels == 1
+    with pytest.raises(ValueError, match="prior_variance=True"):
+        net.prior(torch.rand(1, 1, 8, 8))
 
 
 @pytest.mark.parametrize(
@@ -78,6 +102,7 @@ def test_torchscript_matches_eager():
         ({"num_blocks": -1}, "num_blocks"),
         ({"pd_stride": 0}, "pd_stride"),
         ({"pd_stride": True}, "pd_stride"),
+        ({"prior_variance": "yes"}, "prior_variance"),
     ],
 )
 def test_invalid_arguments_name_the_knob(kwargs, knob):

@@ -1,0 +1,130 @@
+"""PriorLikelihoodLoss: the likelihood per noise model, and that a tiny BSN trained by it on a real slice learns
+the noise level it never sees and denoises by its own posterior."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from diffdenoise.inferers import BlindSpotInferer, PosteriorReinjection, PriorInferer
+from diffdenoise.metrics import psnr
+from diffdenoise.networks import BlindSpotNet
+from diffdenoise.noise import SyntheticNoise
+from diffdenoise.prior_likelihood import (
+    VARIANCE_FLOOR,
+    PriorLikelihoodLoss,
+    learned_noise_level,
+    parameter_groups,
+    prior_noise_variance,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _nll(y, mu, total):
+    return (0.5 * (total.log() + (y - mu).square() / total)).mean()
+
+
+@pytest.mark.parametrize("noise, level, s2", [
+    ("gaussian", 0.1, lambda mu: torch.full_like(mu, 0.01)),
+    ("rician", 0.1, lambda mu: torch.full_like(mu, 0.01)),  # treated as Gaussian
+    ("poisson", 200.0, lambda mu: mu.clamp(min=0) / 200),
+    ("gamma", 100.0, lambda mu: mu.square() / 100),
+])
+def test_known_level_is_the_gaussian_likelihood_of_y(noise, level, s2):
+    g = torch.Generator().manual_seed(0)
+    mu, y = torch.rand(2, 1, 8, 8, generator=g) - 0.1, torch.rand(2, 1, 8, 8, generator=g)
+    v = torch.rand(2, 1, 8, 8, generator=g) * 0.01
+    expected = _nll(y, mu, (v + s2(mu)).clamp(min=VARIANCE_FLOOR))
+    torch.testing.assert_close(PriorLikelihoodLoss(noise, level)(torch.cat([mu, v], dim=1), y), expected)
+
+
+def test_learned_level_trains_the_network_scale_but_not_mu_through_it():
+    c = torch.tensor(math.log(1e-3), requires_grad=True)
+    mu = torch.full((1, 1, 4, 4), 0.5, requires_grad=True)
+    v = torch.full((1, 1, 4, 4), 1e-4)
+    loss = PriorLikelihoodLoss("poisson", None, c)(torch.cat([mu, v], dim=1), torch.full((1, 1, 4, 4), 0.5))
+    loss.backward()
+    # y = mu: the likelihood wants less noise, c goes down (the gradient is positive)
+    assert c.grad is not None and float(c.grad) > 0
+    # y = mu also zeroes mu's own residual gradient; s^2(mu) is detached, so nothing else reaches mu
+    assert float(mu.grad.abs().max()) == 0.0
+
+
+def test_learned_noise_variance_and_level_per_model():
+    c = torch.tensor(math.log(4e-4))
+    mu = torch.tensor([[[[-0.1, 0.5]]]])
+    assert torch.allclose(prior_noise_variance("gaussian", None, mu, c), torch.full_like(mu, 4e-4))
+    assert torch.allclose(prior_noise_variance("poisson", None, mu, c), torch.tensor([[[[0.0, 2e-4]]]]))
+    assert torch.allclose(prior_noise_variance("gamma", None, mu, c), 4e-4 * mu.square())
+    net = BlindSpotNet(features=4, num_blocks=0, prior_variance=True)
+    with torch.no_grad():
+        net.noise_log_scale.fill_(math.log(4e-4))
+    assert learned_noise_level(net, "gaussian") == pytest.approx(0.02)
+    assert learned_noise_level(net, "poisson") == pytest.approx(2500.0)
+    assert learned_noise_level(net, "gamma") == pytest.approx(2500.0)
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ValueError, match="noise_log_scale"):
+        PriorLikelihoodLoss("gaussian", None)
+    with pytest.raises(ValueError, match="Set `noise`"):
+        PriorLikelihoodLoss("speckle", 0.1)
+    with pytest.raises(ValueError, match="PriorInferer"):
+        PriorLikelihoodLoss("gaussian", 0.1)(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="prior_variance=True"):
+        learned_noise_level(BlindSpotNet(features=4, num_blocks=0), "gaussian")
+
+
+def _train_prior(clean: torch.Tensor, noise: str, level: float, steps: int, learn_level: bool = True):
+    """A BSN(16, 2) with the variance head trained on 48x48 crops of one noisy slice, the level unknown unless
+    ``learn_level`` is off; returns the learned level and the PSNR of the noisy input, the blind mean and the
+    learned posterior."""
+    noisy = torch.from_numpy(SyntheticNoise(noise, level, seed=0)(clean[0, 0].numpy(), image_id="slice"))[None, None]
+    torch.manual_seed(0)
+    net = BlindSpotNet(features=16, num_blocks=2, prior_variance=True)
+    known = None if learn_level else level
+    loss_fn = PriorLikelihoodLoss(noise, known, net.noise_log_scale)
+    # the scalar level at 10x the rate of the weights, as the bundle does (noise_level_lr_factor)
+    optimizer = torch.optim.Adam(parameter_groups(net, 3e-2), lr=3e-3)
+    g = torch.Generator().manual_seed(2)
+    h, w = noisy.shape[-2:]
+    for _ in range(steps):
+        ys, xs = torch.randint(0, h - 47, (4,), generator=g), torch.randint(0, w - 47, (4,), generator=g)
+        batch = torch.cat([noisy[..., y : y + 48, x : x + 48] for y, x in zip(ys.tolist(), xs.tolist())])
+        loss = loss_fn(PriorInferer()(batch, net), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        posterior = PosteriorReinjection(BlindSpotInferer(), noise, known, prior="learned")(noisy, net)
+        outputs = {"noisy": noisy, "blind mean": net(noisy), "learned posterior": posterior}
+    return learned_noise_level(net, noise), {k: psnr(x[0, 0], clean[0, 0]) for k, x in outputs.items()}
+
+
+def test_learns_the_gaussian_level_and_denoises_a_real_slice(mri_slice):
+    sigma = 6 / 255
+    start = time.perf_counter()
+    learned, scores = _train_prior(mri_slice, "gaussian", sigma, steps=800)
+    # measured at writing (28 s): learned sigma 6.08/255 (+1.3%); PSNR noisy 32.57, blind mean 33.85, learned
+    # posterior 37.92 dB (the box heuristic on such a net: ~37.96)
+    print(f"sigma learned {learned * 255:.2f}/255, true 6/255; PSNR {scores}; {time.perf_counter() - start:.0f} s")
+    assert learned == pytest.approx(sigma, rel=0.10)
+    assert scores["learned posterior"] > scores["noisy"] + 3.0, scores
+
+
+@pytest.mark.slow
+def test_poisson_likelihood_and_posterior_denoise_a_real_slice(mri_slice):
+    """Poisson lambda 200 with the level given: the signal-dependent s^2 = mu / lambda in loss and posterior.
+
+    Learning lambda is not asserted: on this slice it came out ~2x too noisy (lambda 84-112 for 200 after 1000
+    steps). Most likely because Poisson noise vanishes on the black background, so only flat tissue pins the
+    level and the blind mean's own error there reads as noise, while Gaussian noise is pinned by the background.
+    """
+    start = time.perf_counter()
+    _, scores = _train_prior(mri_slice, "poisson", 200.0, steps=1000, learn_level=False)
+    # measured at writing (32 s): PSNR noisy 33.68, blind mean 33.12, learned posterior 36.42 dB
+    print(f"PSNR {scores}; {time.perf_counter() - start:.0f} s")
+    assert scores["learned posterior"] > scores["noisy"] + 1.5, scores
