@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from monai.bundle import ConfigParser
 
-from diffdenoise.data import load_datalist
+from diffdenoise.data import evenly_spaced, load_datalist
 from diffdenoise.denoise import load_model, trained_modes
 from diffdenoise.noise_level import estimate_from_datalist
 from diffdenoise.quality import QualityEstimate, estimate_gain
@@ -91,7 +91,7 @@ def assess_bundle(bundle, dataset_dir, max_slices: int = 8, device: str | None =
         level, source = estimate_from_datalist(datalist, model, corr), "estimated on the training slices"
     split = "validation" if load_datalist(datalist, "validation") else "training"
     items = load_datalist(datalist, split)
-    picks = np.unique(np.linspace(0, len(items) - 1, min(max_slices, len(items))).round().astype(int))
+    picks = evenly_spaced(len(items), max_slices)
     noisy = [np.load(items[k]["image"]) for k in picks]
     estimates, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

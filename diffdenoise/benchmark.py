@@ -58,7 +58,7 @@ from diffdenoise.baselines import (
     train_neighbor2neighbor,
     train_noise2self,
 )
-from diffdenoise.data import SPLITS, load_datalist, prepare
+from diffdenoise.data import SPLITS, evenly_spaced, load_datalist, prepare
 from diffdenoise.errors import InputError
 from diffdenoise.io import atomic_folder
 from diffdenoise.metrics import noise_leak, psnr, ssim
@@ -593,7 +593,7 @@ def _test_items(datalist: Path, max_slices: int | None) -> list[dict]:
     if not items or "clean" not in items[0]:
         raise InputError(datalist, "the test split is empty or has no reference ('clean') slices to score against")
     if max_slices and len(items) > max_slices:
-        items = [items[i] for i in np.unique(np.linspace(0, len(items) - 1, max_slices).round().astype(int))]
+        items = [items[i] for i in evenly_spaced(len(items), max_slices)]
     return items
 
 

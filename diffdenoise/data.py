@@ -113,6 +113,12 @@ def is_background(
     return float(np.mean(np.asarray(slice_) > threshold)) < min_fraction
 
 
+def evenly_spaced(count: int, most: int) -> np.ndarray:
+    """Indices of up to ``most`` items spread evenly over ``count`` (first and last included): a fixed rule for
+    which slices a score or an estimate reads, never chosen by their content."""
+    return np.unique(np.linspace(0, count - 1, min(most, count)).round().astype(int))
+
+
 def load_datalist(path, split: str = "training") -> list[dict]:
     """Loads one split of a prepared datalist with absolute ``image`` (and ``clean``) paths.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffdenoise.data import load_datalist, prepare
+from diffdenoise.data import evenly_spaced, load_datalist, prepare
 from diffdenoise.metrics import score_datalist
 from diffdenoise.pipeline import DEFAULT_METHOD, DENOISER_OUTPUTS, LABELS, method_overlay, run_pipeline, stage_keys
 from diffdenoise.quality import estimate_mse, psnr_from_mse, resolve_noise_level
@@ -70,7 +70,7 @@ def no_reference_table(datalist: Path, overlays, keys: dict, max_slices: int = 8
     estimated from the noisy slices alone (``diffdenoise.quality``): with the known noise level, and with the level
     measured on the slices, as ``diffdenoise denoise`` does for a scan whose level is unknown."""
     items = load_datalist(datalist, "test")
-    picks = np.unique(np.linspace(0, len(items) - 1, min(max_slices, len(items))).round().astype(int))
+    picks = evenly_spaced(len(items), max_slices)
     noisy = [np.load(items[k]["image"]) for k in picks]
     clean = [np.load(items[k]["clean"]) for k in picks]
     model, known = keys["noise_model"], keys["noise_level"]

@@ -39,7 +39,7 @@ from skimage.restoration import estimate_sigma
 from tqdm import tqdm
 
 from diffdenoise import __version__
-from diffdenoise.data import NORMALISATION_RULE, intensity_range, scale_to_unit
+from diffdenoise.data import NORMALISATION_RULE, evenly_spaced, intensity_range, scale_to_unit
 from diffdenoise.distributed import Shard, shard_group
 from diffdenoise.errors import InputError, one_line
 from diffdenoise.io import (
@@ -317,7 +317,7 @@ def estimate_volume_gain(volume: Volume, model: Model, intensity_range, slices: 
     if slices == 0:
         return {"skipped": "estimate_slices is 0"}
     low, high = intensity_range
-    picks = np.unique(np.linspace(0, len(volume.array) - 1, min(slices, len(volume.array))).round().astype(int))
+    picks = evenly_spaced(len(volume.array), slices)
     normalised = [scale_to_unit(volume.array[k], low, high) for k in picks]
     normalised = [s for s in normalised if s.max() > s.min()]
     if not normalised:

@@ -246,14 +246,14 @@ def estimate_from_datalist(
         InputError: the datalist is missing, its split has no slices, or a slice is not a 2-D array.
         ValueError: as ``estimate_noise_level``, or ``max_slices`` < 1.
     """
-    from diffdenoise.data import load_datalist  # data imports the noise models; keep this module light
+    from diffdenoise.data import evenly_spaced, load_datalist  # data imports the noise models; keep this module light
 
     if not max_slices >= 1:
         raise ValueError(f"max_slices {max_slices} must be >= 1, e.g. 16")
     items = load_datalist(datalist_path, split)
     if not items:
         raise InputError(datalist_path, f"split {split!r} has no slices; pick a split that has, or run prepare")
-    picks = np.unique(np.linspace(0, len(items) - 1, min(max_slices, len(items))).round().astype(int))
+    picks = evenly_spaced(len(items), max_slices)
     images = []
     for k in picks:
         path = items[k]["image"]

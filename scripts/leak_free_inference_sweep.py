@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffdenoise.data import load_datalist
+from diffdenoise.data import evenly_spaced, load_datalist
 from diffdenoise.inferers import AntitheticTweedieInferer
 from diffdenoise.metrics import psnr
 from diffdenoise.stages import stage_parser
@@ -29,7 +29,7 @@ def main(case_dir: str, max_slices: int = 8) -> None:
     network = parser.get_parsed_content("network")
     parts = {k: parser.get_parsed_content(k) for k in ("recorruption", "diffusion_condition_fn", "noise_scheduler")}
     items = load_datalist(case / "data" / "datalist.json", "test")
-    items = [items[i] for i in np.unique(np.linspace(0, len(items) - 1, max_slices).round().astype(int))]
+    items = [items[i] for i in evenly_spaced(len(items), max_slices)]
     for rho, pairs in SETTINGS:
         inferer = AntitheticTweedieInferer(parts["recorruption"], parts["noise_scheduler"], rho=rho, num_pairs=pairs,
                                            condition_fn=parts["diffusion_condition_fn"],
