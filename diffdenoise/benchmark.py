@@ -78,7 +78,7 @@ _NOISE_NAME = re.compile(rf"^({'|'.join(NOISE_MODELS)})(?:_corr(\d+(?:\.\d+)?))?
 _PRESET_KEYS = {"bundle_preset", "seed", "max_test_slices", "torch_threads", "datasets", "noises", "references",
                 "methods", "method_settings", "pipeline_settings", "method_cases", "strong_levels"}
 # methods read from one DiffDenoise pipeline run per case, so stage 1 is trained once, not three times
-PIPELINE_METHODS = ("bsn", "srds", "student", "student_iter2", "student_iter3", "tweedie", "student_leak_free")
+PIPELINE_METHODS = ("bsn", "bsn_learned", "srds", "student", "student_iter2", "student_iter3", "tweedie", "student_leak_free")
 # the student iterations the benchmark offers (paper Table 4)
 ITERATIONS = 3
 _CSV_COLUMNS = ("case", "dataset", "noise", "level", "correlation", "reference", "method", "kind", "slice", "psnr",
@@ -256,10 +256,11 @@ class Fitted:
     cpu_seconds: float
 
 
-def _overlays(settings: FitSettings, method: str = "paper") -> list[str]:
-    """The bundle overlays of every bundle stage of a case: the preset's sizes, the blind spot for its noise, and
-    the diffusion method (``configs/method``)."""
-    return [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation), method_overlay(method)]
+def _overlays(settings: FitSettings, method: str = "paper", prior: str = "box") -> list[str]:
+    """The bundle overlays of every bundle stage of a case: the preset's sizes, the blind spot for its noise, the
+    diffusion method (``configs/method``) and, for stage 1's learned prior, ``configs/stage1``."""
+    stage1 = [] if prior == "box" else [f"stage1/{prior}_prior"]
+    return [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation), method_overlay(method), *stage1]
 
 
 def _steps_upto(steps: Sequence[Step], name: str) -> list[Step]:
@@ -283,8 +284,8 @@ def _fitting_crop(overlays: Sequence[str], keys: Mapping[str, Any], datalist: Pa
     return {"roi_size": [side // step * step] * 2}
 
 
-def _pipeline(settings: FitSettings, upto: str, method: str = "paper") -> tuple[dict, dict]:
-    """The case's DiffDenoise run, one per case and diffusion method, carried up to the step ``upto``.
+def _pipeline(settings: FitSettings, upto: str, method: str = "paper", prior: str = "box") -> tuple[dict, dict]:
+    """The case's DiffDenoise run, one per case, diffusion method and stage-1 prior, carried up to the step ``upto``.
 
     The configs run in ``<case>/work/pipeline`` on ``data/datalist.json`` there: the case's training and
     validation slices, noisy only, and no test split, so no stage can read a clean slice nor spends time on
@@ -299,8 +300,9 @@ def _pipeline(settings: FitSettings, upto: str, method: str = "paper") -> tuple[
     Returns:
         The config keys (the run's ``dataset_dir`` and ``bundle_root`` included) and the state record.
     """
-    root = settings.dataset_dir.parent / "work" / ("pipeline" if method == "paper" else f"pipeline_{method}")
-    overlays = _overlays(settings, method)
+    name = "_".join(["pipeline", *([] if method == "paper" else [method]), *([] if prior == "box" else [prior])])
+    root = settings.dataset_dir.parent / "work" / name
+    overlays = _overlays(settings, method, prior)
     data = root / "data"
     keys = {"dataset_dir": str(data), "bundle_root": str(root / "bundle"), **stage_keys(data), "seed": settings.seed,
             **_noise_keys(settings.case), **settings.options}
@@ -319,7 +321,7 @@ def _pipeline(settings: FitSettings, upto: str, method: str = "paper") -> tuple[
     for step in _steps_upto(pipeline_steps(data, ITERATIONS), upto):
         if step.name in state["seconds"]:
             continue
-        if method != "paper" and step.stage == "bsn":
+        if method != "paper" and prior == "box" and step.stage == "bsn":
             _share_stage_one(settings, root, state)
             _save_atomic(path, lambda f: f.write(json.dumps(state, indent=1).encode()))
             continue
@@ -351,17 +353,18 @@ def _share_stage_one(settings: FitSettings, root: Path, state: dict) -> None:
     state["shared"] = shared
 
 
-def _fit_stage(upto: str, denoiser: str, inferer_key: str, method: str = "paper") -> Callable:
-    """A method needing the case's pipeline run (of the diffusion ``method``) up to the step ``upto``: its fit
+def _fit_stage(upto: str, denoiser: str, inferer_key: str, method: str = "paper", prior: str = "box") -> Callable:
+    """A method needing the case's pipeline run (of the diffusion ``method`` and stage-1 ``prior``) up to the step
+    ``upto``: its fit
     cost is every step up to it, whichever method ran them; it denoises with the network and ``inferer_key`` of
     the step ``denoiser``'s config (``Step.name``: a config, ``@<k>`` for iteration k)."""
 
     def fit(train_noisy, workdir, settings) -> Fitted:
-        keys, state = _pipeline(settings, upto, method)
+        keys, state = _pipeline(settings, upto, method, prior)
         steps = pipeline_steps(Path(keys["dataset_dir"]), ITERATIONS)
         needed = [step.name for step in _steps_upto(steps, upto)]
         step = next(step for step in steps if step.name == denoiser)
-        return Fitted(stage_denoiser(step.config, [*_overlays(settings, method), *step.overlays], {**keys, **step.keys},
+        return Fitted(stage_denoiser(step.config, [*_overlays(settings, method, prior), *step.overlays], {**keys, **step.keys},
                                        inferer_key),
                       sum(state["seconds"][n] for n in needed), sum(state["cpu_seconds"][n] for n in needed))
 
@@ -389,6 +392,8 @@ METHODS: dict[str, Method] = {
     "noise2self": Method("Noise2Self", "self-supervised", _fit_noise2self),
     "neighbor2neighbor": Method("Neighbor2Neighbor", "self-supervised", _fit_neighbor2neighbor),
     "bsn": Method("BSN alone (stage 1)", "self-supervised", _fit_stage("train_bsn", "infer_bsn", "bsn_denoiser")),
+    "bsn_learned": Method("BSN, learned prior (stage 1 as Laine et al.)", "self-supervised",
+                          _fit_stage("train_bsn", "infer_bsn", "bsn_denoiser", prior="learned")),
     "srds": Method("DiffDenoise SRDS (stages 1-3)", "diffdenoise",
                    _fit_stage("train_diffusion", "sample_srds", "srds_inferer")),
     "student": Method("DiffDenoise student (stage 4, iteration 1)", "diffdenoise",

@@ -7,6 +7,7 @@ import re
 import shutil
 
 import numpy as np
+import torch
 import pytest
 
 from diffdenoise import cli
@@ -84,9 +85,10 @@ def test_cost_counts_each_shared_pipeline_step_once(smoke):
     out, report, _ = smoke
     case_dir = out / "cases" / CASE
     records = [json.loads(path.read_text()) for path in case_dir.glob("*.json")]
-    # each diffusion method has its pipeline run; the leak-free one takes stage 1 from the paper's (``shared``)
+    # each diffusion method and stage-1 prior has its pipeline run; the leak-free one takes stage 1 from the
+    # paper's (``shared``), the learned prior trains its own
     states = [json.loads(path.read_text()) for path in (case_dir / "work").glob("pipeline*/state.json")]
-    assert len(states) == 2 and any(state.get("shared") for state in states)
+    assert len(states) == 3 and sum(bool(state.get("shared")) for state in states) == 1
     own = [seconds for state in states for name, seconds in state["seconds"].items()
            if name not in state.get("shared", [])]
     expected = sum(own) + sum(r["denoise_seconds_per_slice"] * len(r["slices"]) for r in records) + sum(
@@ -167,7 +169,12 @@ def test_diffdenoise_methods_share_one_pipeline_run_trained_on_noisy_slices_only
                                                       for s in ("", "_iter2", "_iter3")}
     item = json.loads((case_dir / "work" / "pipeline" / "data" / "datalist_srds_iter3.json").read_text())["training"][0]
     assert {"bsn", "srds", "student", "srds_iter2", "student_iter2", "srds_iter3"} <= set(item)
-    assert all(METHODS[name].kind == "diffdenoise" for name in PIPELINE_METHODS if name != "bsn")
+    assert all(METHODS[name].kind == "diffdenoise" for name in PIPELINE_METHODS if not name.startswith("bsn"))
+    # the learned prior is another stage 1: its own run trains a BSN with a variance head, shared with no one
+    learned = json.loads((case_dir / "work" / "pipeline_learned" / "state.json").read_text())
+    assert "shared" not in learned and list(learned["seconds"]) == ["train_bsn", "infer_bsn"]
+    assert "stage1/learned_prior" in learned["run"]["overlays"]
+    assert "noise_log_scale" in torch.load(case_dir / "work" / "pipeline_learned" / "bundle" / "models" / "bsn.pt")
 
 
 def test_cli_benchmark_runs_the_harness_and_resumes(smoke, shared_data, tmp_path, capsys):
