@@ -98,15 +98,17 @@ def export(run_dir: str, formats: tuple = ("onnx",)) -> str:
 def denoise(src: str, out: str, bundle: str | None = None, mode: str = "auto", device: str | None = None,
             overwrite: bool = False, series: str | None = None, config: tuple = (), modality: str | None = None,
             ct_window: tuple = (-100.0, 200.0), batch_size: int = 8, precision: str = "auto",
-            compile: bool = False, estimate_slices: int = 8) -> str:
+            compile: bool = False, estimate_slices: int = 8, uncertainty: bool = False) -> str:
     """Denoise DICOM series/files, NIfTI, PNG or TIFF (or a folder of them) with a trained bundle.
 
     Writes OUT/<name> in the input's format (a DICOM series becomes a derived series) and OUT/<name>.json.
     --bundle DIR holds configs/*.yaml and models/*.pt (default: the shipped bundles/diffdenoise); --mode
     auto|bsn|student|srds (auto, the default: the mode `fit` estimated best, see the bundle's report.md); each report
     holds the mode's estimated gain over the input without a reference, on --estimate_slices slices per volume
-    (8; 0 skips it), and a line on stderr warns when it is not positive; --config the overlays the model
-    was trained with (paths or names such as presets/cpu); --series one SeriesInstanceUID; --modality and
+    (8; 0 skips it), and a line on stderr warns when it is not positive; --uncertainty (with --mode bsn) also
+    writes stage 1's posterior std as OUT/<name>_uncertainty (a DICOM series of its own) with its mean in the
+    report; --config the overlays the model was trained with (paths or names such as presets/cpu); --series one
+    SeriesInstanceUID; --modality and
     --ct_window as given to prepare. The GPU fast path: --precision auto|float32|bfloat16 (auto: bf16 autocast
     on a GPU, float32 on a CPU), --compile (torch.compile), channels_last on a GPU.
 
@@ -118,7 +120,7 @@ def denoise(src: str, out: str, bundle: str | None = None, mode: str = "auto", d
     return str(denoise_folder(src, out, bundle=bundle, mode=mode, device=device, overwrite=overwrite,
                               series=None if series is None else str(series), config=config, modality=modality,
                               ct_window=tuple(ct_window), batch_size=batch_size, precision=precision,
-                              compile=compile, estimate_slices=estimate_slices))
+                              compile=compile, estimate_slices=estimate_slices, uncertainty=uncertainty))
 
 
 def benchmark(preset: str = "smoke", data: str = "../shared/data", out: str = "runs/bench", noise=None, dataset=None,

@@ -77,6 +77,9 @@ MODES = {
 AUTO_MODE = "auto"
 # slices per volume whose gain is estimated without a reference (diffdenoise.quality); each costs two more passes
 ESTIMATE_SLICES = 8
+# the uncertainty map beside each output: <volume_id>_uncertainty (+ the input's suffix), its own DICOM series
+UNCERTAINTY_SUFFIX = "_uncertainty"
+UNCERTAINTY_SERIES_SUFFIX = " [diffdenoise std]"
 
 
 @dataclass
@@ -108,11 +111,27 @@ class Model:
 
     def __call__(self, slices: np.ndarray) -> np.ndarray:
         """Denoises float32 (B, H, W) slices in [0, 1]; returns float32 (B, H, W), not clipped."""
+        return self._run(self.inferer, slices)
+
+    @property
+    def has_posterior(self) -> bool:
+        """Whether the inferer gives a posterior std (stage 1's ``PosteriorReinjection``); the diffusion
+        sampler and the student give one estimate, not a distribution."""
+        return callable(getattr(self.inferer, "posterior", None))
+
+    def posterior_std(self, slices: np.ndarray) -> np.ndarray:
+        """The posterior standard deviation of float32 (B, H, W) slices in [0, 1], in those units."""
+        if not self.has_posterior:
+            raise InputError("--uncertainty", f"mode '{self.mode}' has no posterior; use --mode bsn")
+        return self._run(lambda x, network: self.inferer.posterior(x, network)[1], slices)
+
+    def _run(self, inferer: Callable, slices: np.ndarray) -> np.ndarray:
+        """``inferer(x, network)`` on (B, H, W) slices as a (B, 1, H, W) batch, at the model's precision."""
         x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None].to(self.device)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bfloat16"
                     else nullcontext())
         with torch.inference_mode(), autocast:
-            y = self.inferer(x, self.network)
+            y = inferer(x, self.network)
         return y[:, 0].float().cpu().numpy()
 
 
@@ -306,6 +325,23 @@ def denoise_volume(
     return out, stats
 
 
+def posterior_std_volume(volume: Volume, model: Model, intensity_range, batch_size: int = 8) -> np.ndarray:
+    """Stage 1's posterior standard deviation per voxel (``PosteriorReinjection.posterior``), in the volume's
+    units: how far the denoised value may be from the clean one, given the prior and the noise model.
+
+    Computed on the slices normalised as ``denoise_volume`` normalised them (``intensity_range``) and scaled
+    back by its width; 0 where that pass let a voxel through unchanged (outside the range: not denoised).
+    """
+    low, high = intensity_range
+    std = np.zeros_like(volume.array)
+    for start in range(0, len(std), batch_size):
+        x = volume.array[start : start + batch_size]
+        inside = (x >= low) & (x <= high)
+        spread = model.posterior_std(scale_to_unit(x, low, high)) * (high - low)
+        std[start : start + len(x)] = np.where(inside, spread, 0.0)
+    return std
+
+
 def estimate_volume_gain(volume: Volume, model: Model, intensity_range, slices: int = ESTIMATE_SLICES,
                          seed: int = 0) -> dict:
     """How much ``model`` is estimated to gain over the noisy volume, with no reference (``diffdenoise.quality``).
@@ -351,6 +387,7 @@ def denoise(
     precision: str = "auto",
     compile: bool = False,
     estimate_slices: int = ESTIMATE_SLICES,
+    uncertainty: bool = False,
 ) -> Path:
     """Denoises every volume in ``src`` into the folder ``out``, in the input's format, with a report each.
 
@@ -371,6 +408,10 @@ def denoise(
         estimate_slices: slices per volume on which the report's ``quality`` (the estimated gain of the mode over
             the input, without a reference: ``estimate_volume_gain``) is measured; 0 skips it. When the estimate
             says the output is no better than the input, one line on stderr says so.
+        uncertainty: also write stage 1's posterior std (``posterior_std_volume``) as ``<name>_uncertainty`` in
+            the input's format (DICOM: a derived series of its own, SeriesDescription "... [diffdenoise std]";
+            stored in the input's bit depth and rescale, so rounded to its step) and its mean in the report.
+            Needs a mode with a posterior: ``bsn``.
 
     Returns:
         ``out``.
@@ -393,14 +434,17 @@ def denoise(
             if shard.size > 1 and device in (None, "cuda") and torch.cuda.is_available():
                 device = f"cuda:{shard.local_rank}"
             model = load_model(bundle, mode, device, config, precision, compile)
+            if uncertainty and not model.has_posterior:
+                raise InputError("--uncertainty", f"needs --mode bsn, stage 1's posterior; mode '{model.mode}' gives "
+                                                  "one estimate, not a distribution")
         except Exception as exc:
             error = exc
         _all_or_none(shard, error, out)
         with atomic_folder(out, overwrite) if shard.rank == 0 else nullcontext() as tmp:
             tmp, salt = shard.broadcast((tmp, uuid.uuid4().hex))
             try:
-                _denoise_volumes(shard.take(sources), tmp, out, model, DerivedSeriesUIDs(salt), shard, modality,
-                                 ct_window, batch_size, progress and shard.rank == 0, callback, estimate_slices)
+                _denoise_volumes(shard.take(sources), tmp, out, model, salt, shard, modality, ct_window, batch_size,
+                                 progress and shard.rank == 0, callback, estimate_slices, uncertainty)
             except Exception as exc:
                 error = exc
             _all_or_none(shard, error, out)
@@ -418,9 +462,12 @@ def _all_or_none(shard: Shard, error: Exception | None, out: Path) -> None:
         raise InputError(out, "another process of the torchrun launch failed (its error is above); no output written")
 
 
-def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, series_uids: dict, shard: Shard, modality,
-                     ct_window, batch_size: int, progress: bool, callback, estimate_slices: int) -> None:
-    """Reads, denoises and writes each volume with its JSON report into ``tmp``, the future ``out``."""
+def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, salt: str, shard: Shard, modality, ct_window,
+                     batch_size: int, progress: bool, callback, estimate_slices: int, uncertainty: bool) -> None:
+    """Reads, denoises and writes each volume with its JSON report (and its uncertainty map) into ``tmp``, the
+    future ``out``. ``salt`` is the run's, shared by a torchrun launch's processes: the outputs of one source
+    series form one derived series, its uncertainty maps another."""
+    series_uids, std_series_uids = DerivedSeriesUIDs(salt), DerivedSeriesUIDs(f"{salt}-uncertainty")
     derivation = f"diffdenoise {__version__} {model.mode} ({model.checkpoint.name} sha256 {model.sha256[:12]})"
     for source in tqdm(sources, desc="denoise", unit="volume", disable=not progress or len(sources) < 2):
         started = time.perf_counter()
@@ -431,6 +478,15 @@ def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, series_uids: d
         quality = estimate_volume_gain(volume, model, stats["intensity_range"], estimate_slices)
         estimated = time.perf_counter()
         written = write_volume(volume, array, tmp / volume.volume_id, derivation, series_uids)
+        std_report = {}
+        if uncertainty:
+            std = posterior_std_volume(volume, model, stats["intensity_range"], batch_size)
+            std_written = write_volume(volume, std, tmp / f"{volume.volume_id}{UNCERTAINTY_SUFFIX}",
+                                       f"{derivation}: posterior std", std_series_uids, UNCERTAINTY_SERIES_SUFFIX)
+            std_report = _uncertainty_report(std, volume, stats, model, out / std_written.relative_to(tmp))
+            if volume.meta["format"] == "dicom":
+                std_report["SeriesInstanceUID"] = std_series_uids[volume.meta["SeriesInstanceUID"]]
+            std_report = {"uncertainty": std_report}
         finished = time.perf_counter()
         report = {
             "input": str(Path(volume.source).resolve()),
@@ -446,6 +502,7 @@ def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, series_uids: d
                           "write": finished - estimated},
             "mode": model.mode,
             "quality": quality,
+            **std_report,
             "model_file": str(model.checkpoint),
             "model_sha256": model.sha256,
             "configs": model.configs,
@@ -464,6 +521,18 @@ def _denoise_volumes(sources, tmp: Path, out: Path, model: Model, series_uids: d
                   file=sys.stderr)
         if callback is not None:
             callback(report)
+
+
+def _uncertainty_report(std: np.ndarray, volume: Volume, stats: dict, model: Model, written: Path) -> dict:
+    """The JSON report's ``uncertainty``: where the map is and its mean over the voxels that were denoised."""
+    low, high = stats["intensity_range"]
+    denoised = (volume.array >= low) & (volume.array <= high)
+    mean = float(std[denoised].mean()) if denoised.any() else 0.0
+    return {"output": str(written.resolve()), "mean_std": mean, "mean_std_normalised": mean / (high - low),
+            "prior": getattr(model.inferer, "prior", None),
+            "definition": "stage 1's posterior std sqrt(v s^2 / (v + s^2)) per voxel, in the input's units; the mean "
+                          "is over denoised voxels (passed-through ones are 0 in the map); *_normalised: in the [0, 1] "
+                          "units of intensity_range"}
 
 
 def _check_volume(volume: Volume) -> None:

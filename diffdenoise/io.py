@@ -483,11 +483,12 @@ class DerivedSeriesUIDs(dict):
         return self[source_uid]
 
 
-def write_volume(volume: Volume, array, dest, derivation: str = "", series_uids: dict | None = None) -> Path:
+def write_volume(volume: Volume, array, dest, derivation: str = "", series_uids: dict | None = None,
+                 series_suffix: str = DERIVED_SERIES_SUFFIX) -> Path:
     """Writes ``array`` in the format, geometry and bit depth ``volume`` was read with; inverse of the readers.
 
     DICOM becomes a derived series: new SeriesInstanceUID (one per source series, shared through
-    ``series_uids``) and SOPInstanceUIDs, ImageType DERIVED\\SECONDARY, SeriesDescription + " [diffdenoise]",
+    ``series_uids``) and SOPInstanceUIDs, ImageType DERIVED\\SECONDARY, SeriesDescription + ``series_suffix``,
     DerivationDescription; geometry, patient and study tags kept; stored values of the input's
     BitsAllocated/BitsStored/PixelRepresentation under the input's rescale, MONOCHROME1 inverted back;
     compressed input is written as Explicit VR Little Endian. A multi-frame file stays multi-frame.
@@ -504,6 +505,7 @@ def write_volume(volume: Volume, array, dest, derivation: str = "", series_uids:
         derivation: what was done, for DICOM DerivationDescription and the NIfTI ``descrip`` field.
         series_uids: maps source SeriesInstanceUIDs to new ones (a ``DerivedSeriesUIDs``); pass one for all
             volumes of a run so that the multi-frame files of one source series stay one derived series.
+        series_suffix: appended to a DICOM SeriesDescription (LO, 64 characters: the source's is cut to fit).
 
     Returns:
         The written file or folder.
@@ -517,7 +519,8 @@ def write_volume(volume: Volume, array, dest, derivation: str = "", series_uids:
     dest, meta = Path(dest), volume.meta
     if meta["format"] == "dicom":
         with _lenient_headers():
-            return _write_dicom(meta, array, dest, derivation, DerivedSeriesUIDs() if series_uids is None else series_uids)
+            uids = DerivedSeriesUIDs() if series_uids is None else series_uids
+            return _write_dicom(meta, array, dest, derivation, uids, series_suffix)
     if meta["format"] == "nifti":
         return _write_nifti(meta, array, dest, derivation)
     return _write_raster(meta, array, dest)
@@ -711,7 +714,8 @@ def _quantise(values: np.ndarray, dtype, low=None, high=None) -> np.ndarray:
     return np.clip(np.rint(values), low, high).astype(dtype)
 
 
-def _write_dicom(meta: dict, array: np.ndarray, dest: Path, derivation: str, series_uids: dict) -> Path:
+def _write_dicom(meta: dict, array: np.ndarray, dest: Path, derivation: str, series_uids: dict,
+                 series_suffix: str) -> Path:
     """One output file per input file; slices go back to the file and frame they were read from."""
     files = meta["files"] if len(meta["files"]) == len(array) else meta["files"] * len(array)
     slices_of: dict[str, list[tuple[int, int]]] = {}  # file -> [(frame, slice index)]
@@ -736,7 +740,7 @@ def _write_dicom(meta: dict, array: np.ndarray, dest: Path, derivation: str, ser
             if meta["monochrome1_inverted"]:
                 raw = low + high - raw
             stored[frame] = _quantise(raw, stored.dtype, low, high)
-        _derive(ds, stored, series_uid, derivation)
+        _derive(ds, stored, series_uid, derivation, series_suffix)
         ds.save_as(target, enforce_file_format=True)
     return targets[0] if len(targets) == 1 else dest
 
@@ -749,7 +753,7 @@ def _dicom_dtype(ds, path) -> np.dtype:
     return np.dtype(f"{'i' if ds.get('PixelRepresentation') == 1 else 'u'}{bits // 8}")
 
 
-def _derive(ds, stored: np.ndarray, series_uid: str, derivation: str) -> None:
+def _derive(ds, stored: np.ndarray, series_uid: str, derivation: str, series_suffix: str) -> None:
     """Turns a source dataset into a derived image of the same geometry that carries ``stored`` pixels."""
     if ds.file_meta.get("TransferSyntaxUID") not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -769,7 +773,7 @@ def _derive(ds, stored: np.ndarray, series_uid: str, derivation: str) -> None:
                 if elem.keyword.endswith("FrameTypeSequence") and elem.value and "FrameType" in elem.value[0]:
                     elem.value[0].FrameType = ["DERIVED", *elem.value[0].FrameType[1:]]
     description = str(ds.get("SeriesDescription") or "")
-    ds.SeriesDescription = (description[: 64 - len(DERIVED_SERIES_SUFFIX)] + DERIVED_SERIES_SUFFIX).lstrip()  # LO
+    ds.SeriesDescription = (description[: 64 - len(series_suffix)] + series_suffix).lstrip()  # LO
     ds.DerivationDescription = derivation
 
 

@@ -170,6 +170,62 @@ def test_an_output_estimated_worse_than_its_input_is_flagged_on_stderr(noisy_ser
     assert report["quality"] == {"skipped": "estimate_slices is 0"} and not capsys.readouterr().err
 
 
+def test_uncertainty_map_is_its_own_derived_series_and_larger_where_the_error_is(noisy_series, bundle, tmp_path):
+    """--uncertainty: stage 1's posterior std beside the output, a DICOM series of its own in the input's geometry,
+    its mean in the report; where the map says the posterior is unsure, the output is further from the clean scan."""
+    src, clean = noisy_series
+    path, overlay = bundle
+    assert main(["denoise", str(src), str(tmp_path / "out"), "--bundle", str(path), "--config", str(overlay),
+                 "--device", "cpu", "--mode", "bsn", "--uncertainty"]) == 0  # fmt: skip
+    (report_path,) = (tmp_path / "out").glob("*.json")
+    report = json.loads(report_path.read_text())
+    folder = Path(report["uncertainty"]["output"])
+    assert folder.name == f"{report['volume_id']}_uncertainty" and folder.is_dir()
+    (source,), (output,), (std,) = (read_volumes(p) for p in (src, Path(report["output"]), folder))
+    maps = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+    uids = {ds.SeriesInstanceUID for ds in maps}
+    assert uids == {report["uncertainty"]["SeriesInstanceUID"]}
+    assert not uids & {report["SeriesInstanceUID"], source.meta["SeriesInstanceUID"]}
+    assert all(ds.SeriesDescription == "anat-T1w [diffdenoise std]" and "posterior std" in ds.DerivationDescription
+               for ds in maps)
+    assert std.meta["slice_positions_mm"] == pytest.approx(source.meta["slice_positions_mm"])
+    assert std.array.shape == clean.shape and std.array.min() >= 0
+    # stored rounded to the input's integer step: the report's mean is of the unrounded map
+    assert report["uncertainty"]["mean_std"] == pytest.approx(std.array.mean(), abs=0.5)
+    # under the noise (a posterior is never wider than the likelihood), above nothing
+    assert 1.0 < report["uncertainty"]["mean_std"] < NOISE_SIGMA
+    error = np.abs(output.array - clean)
+    brain = clean > 20
+    unsure = std.array >= np.quantile(std.array[brain], 0.75)
+    sure = std.array <= np.quantile(std.array[brain], 0.25)
+    # measured at writing: 6.70 vs 5.30 (x1.26) for this box-prior net; the clean scan's own noise is in both
+    assert error[brain & unsure].mean() > 1.15 * error[brain & sure].mean()
+
+
+def test_uncertainty_needs_a_posterior_and_leaves_no_output(noisy_series, monkeypatch, tmp_path):
+    model = Model("student", torch.nn.Identity(), SimpleInferer(), torch.device("cpu"), Path("model.pt"), "0" * 64, [])
+    monkeypatch.setattr(diffdenoise.denoise, "load_model", lambda *args, **kwargs: model)
+    with pytest.raises(InputError, match=r"--uncertainty: needs --mode bsn.*mode 'student' gives one estimate"):
+        denoise(noisy_series[0], tmp_path / "out", progress=False, uncertainty=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nifti_uncertainty_keeps_the_affine(shared_data, bundle, tmp_path):
+    image = nib.load(shared_data / "nifti_volumes" / "stroke_T1.nii.gz")
+    src = tmp_path / "in" / "stroke.nii.gz"
+    src.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[30:94, 40:120, 60:63], image.affine, image.header), src)
+    _denoise(src, tmp_path / "out", bundle, mode="bsn", uncertainty=True)
+    before, std = nib.load(src), nib.load(tmp_path / "out" / "stroke_uncertainty.nii.gz")
+    assert std.shape == before.shape and np.array_equal(std.affine, before.affine)
+    report = json.loads((tmp_path / "out" / "stroke.json").read_text())
+    (low, high), x, values = report["intensity_range"], before.get_fdata(), std.get_fdata()
+    inside = (x >= low) & (x <= high)
+    assert np.all(values[~inside] == 0) and (~inside).any() and values.min() >= 0  # passed through: no posterior
+    assert report["uncertainty"]["mean_std"] == pytest.approx(values[inside].mean(), rel=1e-4)
+    assert report["uncertainty"]["prior"] == "box"
+
+
 def test_nifti_keeps_affine_header_and_shape(shared_data, bundle, tmp_path):
     image = nib.load(shared_data / "nifti_volumes" / "stroke_T1.nii.gz")
     src = tmp_path / "in" / "stroke.nii.gz"
