@@ -24,7 +24,8 @@ from torch import nn
 
 from diffdenoise.noise import NOISE_MODELS, noise_variance
 
-__all__ = ["PriorLikelihoodLoss", "learned_noise_level", "parameter_groups", "prior_noise_variance"]
+__all__ = ["PriorLikelihoodLoss", "learned_noise_level", "level_from_log_scale", "parameter_groups",
+           "prior_noise_variance"]
 
 # The total variance never drops below this (std 0.003, 0.8 grey levels at 8 bits). Poisson background has
 # x = 0, so y = 0 and s^2 = 0 there; the likelihood then drives v + s^2 to the floor, and its weight
@@ -70,7 +71,12 @@ def learned_noise_level(network: nn.Module, noise: str) -> float:
     log_scale = getattr(network, "noise_log_scale", None)
     if log_scale is None:
         raise ValueError("the network has no learned noise level; build it with `prior_variance=True`.")
-    c = float(log_scale.detach())
+    return level_from_log_scale(float(log_scale.detach()), noise)
+
+
+def level_from_log_scale(c: float, noise: str) -> float:
+    """The level that s^2 = exp(c) g(mu) stands for: sigma = exp(c / 2), or lambda | alpha = exp(-c); for a
+    checkpoint's ``noise_log_scale`` without building its network."""
     return math.exp(-c) if noise in ("poisson", "gamma") else math.exp(c / 2)
 
 

@@ -99,9 +99,12 @@ def _train_prior(clean: torch.Tensor, noise: str, level: float, steps: int, lear
         optimizer.step()
     net.eval()
     with torch.no_grad():
-        posterior = PosteriorReinjection(BlindSpotInferer(), noise, known, prior="learned")(noisy, net)
+        posterior, std = PosteriorReinjection(BlindSpotInferer(), noise, known, prior="learned").posterior(noisy, net)
         outputs = {"noisy": noisy, "blind mean": net(noisy), "learned posterior": posterior}
-    return learned_noise_level(net, noise), {k: psnr(x[0, 0], clean[0, 0]) for k, x in outputs.items()}
+    scores = {k: psnr(x[0, 0], clean[0, 0]) for k, x in outputs.items()}
+    # calibration: the posterior's predicted mean squared error against the one it makes
+    scores["predicted / actual MSE"] = float(std.square().mean() / (posterior - clean).square().mean())
+    return learned_noise_level(net, noise), scores
 
 
 def test_learns_the_gaussian_level_and_denoises_a_real_slice(mri_slice):
@@ -109,10 +112,12 @@ def test_learns_the_gaussian_level_and_denoises_a_real_slice(mri_slice):
     start = time.perf_counter()
     learned, scores = _train_prior(mri_slice, "gaussian", sigma, steps=800)
     # measured at writing (28 s): learned sigma 6.08/255 (+1.3%); PSNR noisy 32.57, blind mean 33.85, learned
-    # posterior 37.92 dB (the box heuristic on such a net: ~37.96)
+    # posterior 37.92 dB (the box heuristic on such a net: ~37.96); predicted / actual MSE 1.004
     print(f"sigma learned {learned * 255:.2f}/255, true 6/255; PSNR {scores}; {time.perf_counter() - start:.0f} s")
     assert learned == pytest.approx(sigma, rel=0.10)
     assert scores["learned posterior"] > scores["noisy"] + 3.0, scores
+    # the uncertainty map (denoise --uncertainty) is calibrated: its mean variance is the error actually made
+    assert 0.7 < scores["predicted / actual MSE"] < 1.4, scores
 
 
 @pytest.mark.slow
