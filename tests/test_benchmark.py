@@ -172,7 +172,7 @@ def test_diffdenoise_methods_share_one_pipeline_run_trained_on_noisy_slices_only
     assert all(METHODS[name].kind == "diffdenoise" for name in PIPELINE_METHODS if not name.startswith("bsn"))
     # the learned prior is another stage 1: its own run trains a BSN with a variance head, shared with no one
     learned = json.loads((case_dir / "work" / "pipeline_learned" / "state.json").read_text())
-    assert "shared" not in learned and list(learned["seconds"]) == ["train_bsn", "infer_bsn"]
+    assert "shared" not in learned and list(learned["seconds"]) == ["train_bsn"]
     assert "stage1/learned_prior" in learned["run"]["overlays"]
     assert "noise_log_scale" in torch.load(case_dir / "work" / "pipeline_learned" / "bundle" / "models" / "bsn.pt")
 
