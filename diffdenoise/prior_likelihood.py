@@ -129,6 +129,10 @@ class PriorLikelihoodLoss(nn.Module):
         level: sigma | lambda | alpha (as ``SyntheticNoise``); None learns it through ``noise_log_scale``.
         noise_log_scale: the network's learned c (``BlindSpotNet.noise_log_scale``); used when ``level`` is None.
         gamma_rate: Gamma rate beta with a known level; None means beta = alpha.
+        beta: each pixel's term weighted by its total variance ** beta, held constant (beta-NLL, Seitzer et al.,
+            ICLR 2022). The plain likelihood (0) divides the mean's error by the variance, so the mean learns
+            little where the prior is unsure (edges, texture); at 1 the mean's gradient is MSE's and v still
+            goes to its likelihood optimum.
 
     Raises:
         ValueError: an unknown model, a level out of range, or ``level=None`` without ``noise_log_scale``.
@@ -147,9 +151,12 @@ class PriorLikelihoodLoss(nn.Module):
     """
 
     def __init__(self, noise: str = "gaussian", level: float | None = None,
-                 noise_log_scale: torch.Tensor | None = None, gamma_rate: float | None = None):
+                 noise_log_scale: torch.Tensor | None = None, gamma_rate: float | None = None, beta: float = 0.0):
         super().__init__()
         prior_noise_variance(noise, level, torch.zeros(1), noise_log_scale, gamma_rate)  # validates
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta {beta!r} must be in [0, 1] (0: the plain likelihood, 1: the mean learns as with MSE)")
+        self.beta = beta
         self.noise = noise
         self.level = level
         self.noise_log_scale = noise_log_scale
@@ -168,4 +175,6 @@ class PriorLikelihoodLoss(nn.Module):
         nll = total.log() + (label - mu).square() / total
         if self.level is None:
             nll = nll - BALANCE * s2.clamp(min=VARIANCE_FLOOR).sqrt()
+        if self.beta:
+            nll = nll * total.detach() ** self.beta
         return 0.5 * nll.mean()
