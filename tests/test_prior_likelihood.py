@@ -69,6 +69,20 @@ def test_learned_noise_variance_and_level_per_model():
     assert learned_noise_level(net, "gamma") == pytest.approx(2500.0)
 
 
+def test_beta_one_gives_the_mean_mse_gradients_and_keeps_the_variance_optimum():
+    """beta-NLL: at beta 1 the prior mean's gradient is MSE's whatever the variance, so it learns edges as the box
+    prior's MSE-trained mean does; the variance's optimum stays v = (y - mu)^2 - s^2 for every beta."""
+    y = torch.tensor([[[[0.2, 0.9, 0.6]]]])
+    mu = torch.tensor([[[[0.1, 0.5, 0.5]]]], requires_grad=True)
+    v = torch.tensor([[[[1e-3, 0.5, 2e-2]]]], requires_grad=True)
+    PriorLikelihoodLoss("gaussian", 0.01, beta=1.0)(torch.cat([mu, v], dim=1), y).backward()
+    torch.testing.assert_close(mu.grad, (mu - y).detach() / 3)  # 0.5 * d/dmu mean((y - mu)^2)
+    for beta in (0.0, 0.5, 1.0):
+        v = ((y - mu).square() - 1e-4).detach().requires_grad_(True)  # s^2 = 0.01^2
+        PriorLikelihoodLoss("gaussian", 0.01, beta=beta)(torch.cat([mu.detach(), v], dim=1), y).backward()
+        torch.testing.assert_close(v.grad, torch.zeros_like(v), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("noise, level", [("gaussian", 0.02), ("rician", 0.02), ("poisson", 200.0), ("gamma", 50.0)])
 def test_an_unknown_level_starts_at_the_estimate_and_is_learned_only_where_identifiable(noise, level):
     assert level_from_log_scale(log_scale_from_level(level, noise), noise) == pytest.approx(level)
