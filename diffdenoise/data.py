@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from monai.data import load_decathlon_datalist
-from tqdm import tqdm
 
 from diffdenoise import __version__
 from diffdenoise.errors import InputError
 from diffdenoise.io import MODALITIES, Volume, atomic_folder, file_stem, scan_volumes
 from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS, SyntheticNoise
+from diffdenoise.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def prepare(
         downsample: average each slice over k x k pixel blocks before adding noise (1 = off). Halves
             the noise that a "clean" reference carries of its own at k = 2, so scores measure the
             synthetic noise, not the reference's.
-        progress: show a tqdm bar over volumes.
+        progress: show progress over volumes (``diffdenoise.progress``: a bar on a terminal, else log lines).
 
     Returns:
         Path of ``OUT/datalist.json``.
@@ -221,9 +221,10 @@ def prepare(
     noisers = _noisers(sources, noise, level, correlation, seed, modality)
     by_group = len({source.group for source in sources}) >= sum(1 for share in split if share)  # one per split
 
-    with atomic_folder(out) as tmp:  # also removes what a killed earlier run left beside `out`
+    # atomic_folder also removes what a killed earlier run left beside `out`
+    with atomic_folder(out) as tmp, Progress(len(sources), "prepare", "volume", shown=progress) as bar:
         items, split_of, volumes = [], {}, {}
-        for source in tqdm(sources, desc="prepare", unit="volume", disable=not progress):
+        for source in sources:
             volume = source.read()
             volume_modality = modality or volume.modality
             low, high = intensity_range(volume.array, volume_modality, ct_window)
@@ -248,6 +249,7 @@ def prepare(
                 "background_slices": sorted(set(range(len(clean))) - set(foreground)),
                 "guard_slices": sorted(set(foreground) - set(blocks)),
             }
+            bar.update()
         if by_group:
             group_split = _split_groups(Counter(item["group"] for item in items), split, seed)
             split_of = {item["id"]: group_split[item["group"]] for item in items}

@@ -18,11 +18,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from diffdenoise.data import load_datalist
 from diffdenoise.errors import InputError, one_line, raise_missing
 from diffdenoise.io import atomic_folder
+from diffdenoise.progress import Progress
 
 SPLITS = ("training", "validation", "test")
 
@@ -125,7 +125,8 @@ def write_stage_outputs(
     The outputs go to ``<dataset>/<key>/<id>.npy`` (float32, (H, W)) and a datalist
     ``<dataset>/datalist_<key>.json`` repeats the input datalist with ``key`` added to each item, so the
     next stage reads both. Extra ``input_keys`` (e.g. ``("image", "bsn")``) are passed to the inferer as
-    ``condition=`` after the first. Files are written to a temporary folder and renamed at the end.
+    ``condition=`` after the first. Files are written to a temporary folder and renamed at the end. With
+    ``progress``, a bar on a terminal or a log line a minute otherwise (``diffdenoise.progress``).
 
     Returns:
         The path of the new datalist.
@@ -140,12 +141,12 @@ def write_stage_outputs(
     network = network.to(device).eval()
     result: dict = {"meta": {**raw.get("meta", {}), "stage_output": key, "inputs": list(input_keys)}}
     # A stage run again replaces its outputs; a killed run's leftovers beside them are removed on entry.
-    with atomic_folder(out_dir, overwrite=True) as tmp_dir:
-        for split in SPLITS:
-            items = load_datalist(datalist_path, split)
+    splits = {split: list(zip(raw.get(split, []), load_datalist(datalist_path, split))) for split in SPLITS}
+    with atomic_folder(out_dir, overwrite=True) as tmp_dir, \
+            Progress(sum(map(len, splits.values())), key, "slice", shown=progress) as bar:
+        for split, items in splits.items():
             result[split] = []
-            for raw_item, item in tqdm(list(zip(raw.get(split, []), items)), desc=f"{key} ({split})",
-                                       disable=not progress):  # fmt: skip
+            for raw_item, item in items:
                 tensors = [torch.from_numpy(np.load(item[k]))[None, None].float().to(device) for k in input_keys]
                 with torch.inference_mode():
                     kwargs = {"condition": tensors[1]} if len(tensors) > 1 else {}
@@ -154,6 +155,7 @@ def write_stage_outputs(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 np.save(target, pred[0, 0].float().cpu().numpy())
                 result[split].append({**raw_item, key: f"{key}/{item['id']}.npy"})
+                bar.update()
     new_datalist = dataset_dir / f"datalist_{key}.json"
     tmp_json = new_datalist.with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(result, indent=1))
