@@ -57,6 +57,16 @@ def demo(out: str = "diffdenoise_demo", preset: str = "demo", noise: str = "gaus
     return str(report)
 
 
+def _with_presets(command):
+    """Puts the presets found on disk, each with its use and cost, in place of {presets} in a command's help."""
+    from diffdenoise.resources import presets
+
+    lines = "\n".join(f"        {name}: {text}" for name, text in presets().items())
+    command.__doc__ = command.__doc__.replace("    {presets}", lines)
+    return command
+
+
+@_with_presets
 def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modality: str | None = None, seed: int = 0,
         iterations: int = 1, onnx: bool = False, overwrite: bool = False, method: str | None = None,
         **overrides) -> str:
@@ -68,7 +78,10 @@ def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modal
     estimated on the validation slices without a reference (SURE/PURE), printed and written to RUN_DIR/report.md;
     the best becomes the bundle's default mode (none, when no mode is estimated to help).
 
-    Example: ``diffdenoise fit scans/ runs/my_bundle --preset cpu``, then
+    --preset, from configs/presets:
+    {presets}
+
+    Example: ``diffdenoise fit scans/ runs/my_bundle --preset demo``, then
     ``diffdenoise denoise new_scan/ out/ --bundle runs/my_bundle`` or
     ``python -m monai.bundle run --config_file runs/my_bundle/configs/inference.yaml``.
     """
@@ -95,6 +108,7 @@ def export(run_dir: str, formats: tuple = ("onnx",)) -> str:
     return " ".join(str(p) for p in written)
 
 
+@_with_presets
 def denoise(src: str, out: str, bundle: str | None = None, mode: str = "auto", device: str | None = None,
             overwrite: bool = False, series: str | None = None, config: tuple = (), modality: str | None = None,
             ct_window: tuple = (-100.0, 200.0), batch_size: int = 8, precision: str = "auto",
@@ -106,9 +120,13 @@ def denoise(src: str, out: str, bundle: str | None = None, mode: str = "auto", d
     auto|bsn|student|srds (auto, the default: the mode `fit` estimated best, see the bundle's report.md); each report
     holds the mode's estimated gain over the input without a reference, on --estimate_slices slices per volume
     (8; 0 skips it), and a line on stderr warns when it is not positive; --config the overlays the model
-    was trained with (paths or names such as presets/cpu); --series one SeriesInstanceUID; --modality and
+    was trained with (paths or names such as presets/cpu: not needed for a bundle `fit` made, which holds its
+    merged configs); --series one SeriesInstanceUID; --modality and
     --ct_window as given to prepare. The GPU fast path: --precision auto|float32|bfloat16 (auto: bf16 autocast
     on a GPU, float32 on a CPU), --compile (torch.compile), channels_last on a GPU.
+
+    Presets (--config presets/NAME, from configs/presets):
+    {presets}
 
     Example: diffdenoise denoise ../shared/data/head_ct_ge/series runs/denoised/head_ct --bundle runs/bundle --config presets/cpu
     """

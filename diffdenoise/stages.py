@@ -1,17 +1,15 @@
 """Running the bundle's stages and handing one stage's outputs to the next.
 
 Each stage is a MONAI bundle config (``bundles/diffdenoise/configs/*.yaml``) merged over ``common.yaml``
-and followed by overlays (``configs/presets/*.yaml``, ``configs/noise/*.yaml``). This module finds those
-files whether the package runs from a clone or from an installed wheel, runs a stage through
-``monai.bundle.run``, and writes per-slice outputs of a trained stage (x_c of the BSN, say) next to the
-prepared slices with a datalist that the next stage reads.
+and followed by overlays (``configs/presets/*.yaml``, ``configs/noise/*.yaml``; ``diffdenoise.resources`` finds
+them). This module runs a stage through ``monai.bundle.run``, and writes per-slice outputs of a trained stage
+(x_c of the BSN, say) next to the prepared slices with a datalist that the next stage reads.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -23,33 +21,9 @@ from diffdenoise.data import load_datalist
 from diffdenoise.errors import InputError, one_line, raise_missing
 from diffdenoise.io import atomic_folder
 from diffdenoise.progress import Progress
+from diffdenoise.resources import bundle_dir, overlay_path
 
 SPLITS = ("training", "validation", "test")
-
-
-def _resource_root() -> Path:
-    """The folder holding ``bundles/`` and ``configs/``: the clone (editable install) or ``<prefix>/share``."""
-    for root in (Path(__file__).resolve().parents[1], Path(sys.prefix) / "share" / "diffdenoise"):
-        if (root / "bundles" / "diffdenoise" / "configs" / "common.yaml").is_file():
-            return root
-    raise FileNotFoundError(
-        "bundle configs not found beside the package nor under <prefix>/share/diffdenoise; "
-        "reinstall with `pip install -e .` from the repository root"
-    )
-
-
-def bundle_dir() -> Path:
-    """The shipped bundle ``bundles/diffdenoise``."""
-    return _resource_root() / "bundles" / "diffdenoise"
-
-
-def overlay_path(name: str) -> Path:
-    """An overlay from ``configs/``, e.g. ``presets/cpu`` or ``noise/correlated``, as a file path."""
-    path = _resource_root() / "configs" / f"{name}.yaml"
-    if not path.is_file():
-        available = sorted(str(p.relative_to(path.parents[1]))[:-5] for p in path.parents[1].glob("*/*.yaml"))
-        raise ValueError(f"overlay '{name}' not found; available: {', '.join(available)}")
-    return path
 
 
 def stage_config_files(stage: str, overlays: Sequence[str] = ()) -> list[str]:
