@@ -69,8 +69,17 @@ def _with_presets(command):
 @_with_presets
 def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modality: str | None = None, seed: int = 0,
         iterations: int = 1, onnx: bool = False, overwrite: bool = False, method: str | None = None,
-        **overrides) -> str:
+        quiet: bool = False, verbose: bool = False, **overrides) -> str:
     """Train every stage on noisy scans (no clean images) and leave a finished bundle in RUN_DIR.
+
+    Every slice trains but a small validation split (whole volumes when there are several); there is no test split.
+    Before training each stage is timed briefly and the plan is printed, a line per stage with its work and its
+    estimated time on this machine; each stage then shows its progress (a bar on a terminal, a line a minute in a
+    log), and a table ends the run: each stage's time, output and estimated gain. --quiet prints only warnings,
+    errors and the final report; --verbose also MONAI's and ignite's own lines (per-epoch metrics).
+
+    --preset, from configs/presets:
+    {presets}
 
     The student ships as models/model.ts (TorchScript) and, with --onnx, models/model.onnx. --method picks
     stages 2-3: leak_free (the default: a recorrupted target, antithetic Tweedie) or paper (BSN(y) condition,
@@ -78,16 +87,17 @@ def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modal
     estimated on the validation slices without a reference (SURE/PURE), printed and written to RUN_DIR/report.md;
     the best becomes the bundle's default mode (none, when no mode is estimated to help).
 
-    --preset, from configs/presets:
-    {presets}
-
     Example: ``diffdenoise fit scans/ runs/my_bundle --preset demo``, then
     ``diffdenoise denoise new_scan/ out/ --bundle runs/my_bundle`` or
     ``python -m monai.bundle run --config_file runs/my_bundle/configs/inference.yaml``.
     """
     from diffdenoise.fit import fit as fit_bundle
+    from diffdenoise.logs import NORMAL, QUIET, VERBOSE, configure
     from diffdenoise.pipeline import DEFAULT_METHOD
 
+    if quiet and verbose:
+        raise InputError("--quiet", "and --verbose contradict each other; pass one")
+    configure(QUIET if quiet else VERBOSE if verbose else NORMAL)
     overlays = (overlays,) if isinstance(overlays, str) else tuple(overlays)
     bundle = fit_bundle(src, run_dir, preset=preset, overlays=overlays, modality=modality, seed=seed,
                         iterations=iterations, onnx=onnx, overwrite=overwrite, method=method or DEFAULT_METHOD,
