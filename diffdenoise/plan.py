@@ -6,8 +6,8 @@ by orders of magnitude between presets, machines and slice sizes, so it is measu
 validation slice, each training config cut to one epoch of ``TIMED_ITERATIONS`` full batches, and keeps the
 ``Timing`` of every progress (``diffdenoise.progress``). ``plan`` scales them to the real run:
 
-- a training config: its start-up, iterations x seconds per iteration (the first, which pays for warm-up, left
-  out), and per epoch the validation and checkpoint after the last iteration, times the validation slices;
+- a training config: its start-up, iterations x seconds per iteration (the median after the first, which pays
+  for warm-up), and per epoch the validation and checkpoint after the last iteration, times the validation slices;
 - a config that writes slice outputs: its start-up and, per output, seconds per pixel x the pixels of all slices;
 - the assessment (``diffdenoise.assessment``): each denoiser twice per assessed slice (``diffdenoise.quality``).
 
@@ -33,7 +33,7 @@ from diffdenoise.pipeline import DENOISER_OUTPUTS, TITLES, pipeline_steps, run_p
 from diffdenoise.progress import Timing, record
 from diffdenoise.stages import SPLITS, stage_parser
 
-TIMED_ITERATIONS = 4
+TIMED_ITERATIONS = 6
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from statistics import median
 
 from ignite.engine import Engine, Events
 from tqdm import tqdm
@@ -34,20 +35,25 @@ _recordings: list[tuple[list["Timing"], bool]] = []  # (timings, show) of each a
 
 @dataclass(frozen=True)
 class Timing:
-    """What one closed progress took: ``count`` units in ``seconds`` (the first of them alone in ``first``), and
-    ``tail`` seconds from the last unit to the close (for a trainer: the last validation and checkpoint)."""
+    """What one closed progress took: ``count`` units, the seconds each update's units took per unit (``steps``,
+    in order), and ``tail`` seconds from the last unit to the close (for a trainer: the last validation and
+    checkpoint)."""
 
     desc: str
     unit: str
     count: int
-    seconds: float
-    first: float
+    steps: tuple[float, ...]
     tail: float
 
     @property
+    def seconds(self) -> float:
+        """From the start to the last unit."""
+        return sum(self.steps)
+
+    @property
     def per_unit(self) -> float:
-        """Seconds per unit after the first, which also pays for warm-up; the first's when there is no other."""
-        return (self.seconds - self.first) / (self.count - 1) if self.count > 1 else self.seconds
+        """The median after the first step, which also pays for warm-up; the first when there is no other."""
+        return float(median(self.steps[1:] or self.steps))
 
 
 @contextmanager
@@ -93,7 +99,7 @@ class Progress:
         self.total, self.desc, self.unit, self.interval = int(total), desc, unit, interval
         self.initial = self.n = int(initial)
         self.started = self.last_unit = self.last_line = time.perf_counter()
-        self.first: float | None = None
+        self.steps: list[float] = []
         shown = shown and logger.isEnabledFor(logging.INFO) and all(show for _, show in _recordings)
         self.bar = tqdm(total=self.total, desc=desc, unit=unit, initial=self.initial, dynamic_ncols=True,
                         disable=not (shown and sys.stderr.isatty()))
@@ -108,8 +114,7 @@ class Progress:
     def update(self, n: int = 1) -> None:
         """``n`` more units are done."""
         now = time.perf_counter()
-        if self.first is None:
-            self.first = now - self.started
+        self.steps.append((now - self.last_unit) / n)
         self.n += n
         self.last_unit = now
         self.bar.update(n)
@@ -132,10 +137,8 @@ class Progress:
         if self.lines:
             done = _count(self.n - self.initial, self.unit)
             logger.info("%s: %s in %s", self.desc, done, duration(now - self.started))
-        count = self.n - self.initial
-        if count:
-            seconds = self.last_unit - self.started
-            timing = Timing(self.desc, self.unit, count, seconds, self.first, now - self.last_unit)
+        if self.steps:
+            timing = Timing(self.desc, self.unit, self.n - self.initial, tuple(self.steps), now - self.last_unit)
             for timings, _ in _recordings:
                 timings.append(timing)
 

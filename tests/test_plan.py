@@ -22,13 +22,13 @@ def prepared(tmp_path):
 
 def _slices(*outputs):
     """A slice-writing config that took 5 s, 2 of them on the two timed slices for each output."""
-    return StepCost(5.0, tuple(Timing(key, "slice", 2, 2.0, 1.0, 0.0) for key in outputs))
+    return StepCost(5.0, tuple(Timing(key, "slice", 2, (1.0, 1.0), 0.0) for key in outputs))
 
 
 def test_each_config_is_scaled_from_its_short_run(prepared):
     # a training config: 10 s for 4 iterations (1 s each after a 0.5 s first) and 2 s of validation on one slice
-    training = StepCost(10.0, (Timing("training", "iteration", 4, 3.5, 0.5, 2.0),), iterations=100, epochs=2,
-                        batch_size=8)
+    training = StepCost(10.0, (Timing("training", "iteration", 4, (0.5, 1.0, 1.0, 1.0), 2.0),), iterations=100,
+                        epochs=2, batch_size=8)
     costs = {"train_bsn": training, "train_diffusion": training, "train_student": training,
              "infer_bsn": _slices("bsn", "bsn_posterior"), "sample_srds": _slices("srds"),
              "inference": _slices("student")}

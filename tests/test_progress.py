@@ -44,9 +44,10 @@ def test_a_silent_record_shows_nothing_but_times_everything(progress_lines):
     assert progress_lines() == [] and timings[0].count == 3
 
 
-def test_per_unit_leaves_out_the_first_unit_which_pays_for_warm_up():
-    assert Timing("t", "iteration", count=4, seconds=3.5, first=0.5, tail=2.0).per_unit == 1.0
-    assert Timing("t", "slice", count=1, seconds=2.0, first=2.0, tail=0.0).per_unit == 2.0
+def test_per_unit_is_the_median_after_the_first_unit_which_pays_for_warm_up():
+    timing = Timing("t", "iteration", count=5, steps=(3.0, 1.0, 1.2, 0.9, 5.0), tail=2.0)
+    assert timing.per_unit == 1.1 and timing.seconds == pytest.approx(11.1)
+    assert Timing("t", "slice", count=1, steps=(2.0,), tail=0.0).per_unit == 2.0
 
 
 @pytest.mark.parametrize("seconds, text", [(44.6, "45 s"), (200, "3 min 20 s"), (3900, "1 h 05 min")])
