@@ -36,6 +36,8 @@ MODE_LABELS = {"bsn": "stage 1: BSN + re-injection", "srds": "stages 2-3: diffus
                "student": "stage 4: distilled student"}
 REPORT = "report.md"
 METADATA_KEY = "diffdenoise_assessment"
+# slices each mode is scored on: each costs every mode two evaluations (diffdenoise.quality)
+ASSESSED_SLICES = 8
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,16 @@ def choose_default(estimates: dict[str, QualityEstimate]) -> str | None:
     return best if best is not None and estimates[best].gain_db > 0 else None
 
 
-def assess_bundle(bundle, dataset_dir, max_slices: int = 8, device: str | None = None, seed: int = 0) -> Assessment:
+def assessed_items(datalist, max_slices: int = ASSESSED_SLICES) -> tuple[str, list[dict]]:
+    """The split and the slices ``assess_bundle`` scores: up to ``max_slices`` evenly spaced validation slices, or
+    training slices when there are no validation slices."""
+    split = "validation" if load_datalist(datalist, "validation") else "training"
+    items = load_datalist(datalist, split)
+    return split, [items[k] for k in evenly_spaced(len(items), max_slices)]
+
+
+def assess_bundle(bundle, dataset_dir, max_slices: int = ASSESSED_SLICES, device: str | None = None,
+                  seed: int = 0) -> Assessment:
     """Scores every mode the bundle holds a checkpoint for, on up to ``max_slices`` evenly spaced validation slices
     of its prepared dataset (the training slices when there are no validation slices, said in ``split``).
 
@@ -89,10 +100,8 @@ def assess_bundle(bundle, dataset_dir, max_slices: int = 8, device: str | None =
     level, source = common.get("noise_level"), "bundle"
     if level is None:
         level, source = estimate_from_datalist(datalist, model, corr), "estimated on the training slices"
-    split = "validation" if load_datalist(datalist, "validation") else "training"
-    items = load_datalist(datalist, split)
-    picks = evenly_spaced(len(items), max_slices)
-    noisy = [np.load(items[k]["image"]) for k in picks]
+    split, items = assessed_items(datalist, max_slices)
+    noisy = [np.load(item["image"]) for item in items]
     estimates, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         # fit assesses the bundle before it is renamed into place: its configs name the final dataset_dir

@@ -57,10 +57,29 @@ def demo(out: str = "diffdenoise_demo", preset: str = "demo", noise: str = "gaus
     return str(report)
 
 
+def _with_presets(command):
+    """Puts the presets found on disk, each with its use and cost, in place of {presets} in a command's help."""
+    from diffdenoise.resources import presets
+
+    lines = "\n".join(f"        {name}: {text}" for name, text in presets().items())
+    command.__doc__ = command.__doc__.replace("    {presets}", lines)
+    return command
+
+
+@_with_presets
 def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modality: str | None = None, seed: int = 0,
         iterations: int = 1, onnx: bool = False, overwrite: bool = False, method: str | None = None,
-        **overrides) -> str:
+        quiet: bool = False, verbose: bool = False, **overrides) -> str:
     """Train every stage on noisy scans (no clean images) and leave a finished bundle in RUN_DIR.
+
+    Every slice trains but a small validation split (whole volumes when there are several); there is no test split.
+    Before training each stage is timed briefly and the plan is printed, a line per stage with its work and its
+    estimated time on this machine; each stage then shows its progress (a bar on a terminal, a line a minute in a
+    log), and a table ends the run: each stage's time, output and estimated gain. --quiet prints only warnings,
+    errors and the final report; --verbose also MONAI's and ignite's own lines (per-epoch metrics).
+
+    --preset, from configs/presets:
+    {presets}
 
     The student ships as models/model.ts (TorchScript) and, with --onnx, models/model.onnx. --method picks
     stages 2-3: leak_free (the default: a recorrupted target, antithetic Tweedie) or paper (BSN(y) condition,
@@ -68,13 +87,17 @@ def fit(src: str, run_dir: str, preset: str = "cpu", overlays: tuple = (), modal
     estimated on the validation slices without a reference (SURE/PURE), printed and written to RUN_DIR/report.md;
     the best becomes the bundle's default mode (none, when no mode is estimated to help).
 
-    Example: ``diffdenoise fit scans/ runs/my_bundle --preset cpu``, then
+    Example: ``diffdenoise fit scans/ runs/my_bundle --preset demo``, then
     ``diffdenoise denoise new_scan/ out/ --bundle runs/my_bundle`` or
     ``python -m monai.bundle run --config_file runs/my_bundle/configs/inference.yaml``.
     """
     from diffdenoise.fit import fit as fit_bundle
+    from diffdenoise.logs import NORMAL, QUIET, VERBOSE, configure
     from diffdenoise.pipeline import DEFAULT_METHOD
 
+    if quiet and verbose:
+        raise InputError("--quiet", "and --verbose contradict each other; pass one")
+    configure(QUIET if quiet else VERBOSE if verbose else NORMAL)
     overlays = (overlays,) if isinstance(overlays, str) else tuple(overlays)
     bundle = fit_bundle(src, run_dir, preset=preset, overlays=overlays, modality=modality, seed=seed,
                         iterations=iterations, onnx=onnx, overwrite=overwrite, method=method or DEFAULT_METHOD,
@@ -95,6 +118,7 @@ def export(run_dir: str, formats: tuple = ("onnx",)) -> str:
     return " ".join(str(p) for p in written)
 
 
+@_with_presets
 def denoise(src: str, out: str, bundle: str | None = None, mode: str = "auto", device: str | None = None,
             overwrite: bool = False, series: str | None = None, config: tuple = (), modality: str | None = None,
             ct_window: tuple = (-100.0, 200.0), batch_size: int = 8, precision: str = "auto",
@@ -107,10 +131,13 @@ def denoise(src: str, out: str, bundle: str | None = None, mode: str = "auto", d
     holds the mode's estimated gain over the input without a reference, on --estimate_slices slices per volume
     (8; 0 skips it), and a line on stderr warns when it is not positive; --uncertainty (with --mode bsn) also
     writes stage 1's posterior std as OUT/<name>_uncertainty (a DICOM series of its own) with its mean in the
-    report; --config the overlays the model was trained with (paths or names such as presets/cpu); --series one
-    SeriesInstanceUID; --modality and
+    report; --config the overlays the model was trained with (paths or names such as presets/cpu: not needed for
+    a bundle `fit` made, which holds its merged configs); --series one SeriesInstanceUID; --modality and
     --ct_window as given to prepare. The GPU fast path: --precision auto|float32|bfloat16 (auto: bf16 autocast
     on a GPU, float32 on a CPU), --compile (torch.compile), channels_last on a GPU.
+
+    Presets (--config presets/NAME, from configs/presets):
+    {presets}
 
     Example: diffdenoise denoise ../shared/data/head_ct_ge/series runs/denoised/head_ct --bundle runs/bundle --config presets/cpu
     """

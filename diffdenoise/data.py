@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from monai.data import load_decathlon_datalist
-from tqdm import tqdm
 
 from diffdenoise import __version__
 from diffdenoise.errors import InputError
 from diffdenoise.io import MODALITIES, Volume, atomic_folder, file_stem, scan_volumes
 from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS, SyntheticNoise
+from diffdenoise.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +167,12 @@ def prepare(
     taken as already noisy (the real use case): ``image`` is the normalised input, and there is no
     ``clean``. Background-only slices (``is_background``) are skipped.
 
-    Splits never share a neighbour slice: with >= 3 groups (patients) whole groups go to one split
-    (shuffled by ``seed``, proportions near ``split``, each split non-empty); with fewer, each volume is
-    cut into contiguous train | validation | test slice blocks and the slice at each block boundary is
-    dropped (a volume with < 5 foreground slices goes to training whole). The output appears
-    atomically: it is built in a hidden folder beside OUT and renamed.
+    Splits never share a neighbour slice: with a group (patient) per split or more, whole groups go to one split
+    (shuffled by ``seed``, proportions near ``split``, each split with a share non-empty); with fewer, each
+    volume is cut into contiguous train | validation | test slice blocks and the slice at each block boundary
+    is dropped (a volume with too few foreground slices for a slice per block goes to training whole). A test
+    share of 0 makes no test split (``diffdenoise fit``: with no clean reference a test split serves nothing).
+    The output appears atomically: it is built in a hidden folder beside OUT and renamed.
 
     Args:
         src: file or folder of images (see ``diffdenoise.io.read_volumes``).
@@ -183,14 +184,14 @@ def prepare(
             TIFF and NIfTI are detected as "other").
         seed: fixes the noise realisations and the group shuffle.
         ct_window: (low, high) HU mapped to [0, 1] for CT.
-        split: fractions (training, validation, test), each > 0, summing to 1.
+        split: fractions (training, validation, test) summing to 1; training and validation > 0, test >= 0.
         groups: CSV with columns ``patient_id`` and ``image_id`` (file stem, or series folder name) that
             groups images by patient, e.g. ``chest_xray_mhh/data_subset.csv``. Unlisted images keep
             their own group (DICOM PatientID, else the volume id).
         downsample: average each slice over k x k pixel blocks before adding noise (1 = off). Halves
             the noise that a "clean" reference carries of its own at k = 2, so scores measure the
             synthetic noise, not the reference's.
-        progress: show a tqdm bar over volumes.
+        progress: show progress over volumes (``diffdenoise.progress``: a bar on a terminal, else log lines).
 
     Returns:
         Path of ``OUT/datalist.json``.
@@ -218,11 +219,12 @@ def prepare(
     if groups is not None:
         _apply_groups(sources, Path(groups))
     noisers = _noisers(sources, noise, level, correlation, seed, modality)
-    by_group = len({source.group for source in sources}) >= 3
+    by_group = len({source.group for source in sources}) >= sum(1 for share in split if share)  # one per split
 
-    with atomic_folder(out) as tmp:  # also removes what a killed earlier run left beside `out`
+    # atomic_folder also removes what a killed earlier run left beside `out`
+    with atomic_folder(out) as tmp, Progress(len(sources), "prepare", "volume", shown=progress) as bar:
         items, split_of, volumes = [], {}, {}
-        for source in tqdm(sources, desc="prepare", unit="volume", disable=not progress):
+        for source in sources:
             volume = source.read()
             volume_modality = modality or volume.modality
             low, high = intensity_range(volume.array, volume_modality, ct_window)
@@ -247,11 +249,12 @@ def prepare(
                 "background_slices": sorted(set(range(len(clean))) - set(foreground)),
                 "guard_slices": sorted(set(foreground) - set(blocks)),
             }
+            bar.update()
         if by_group:
             group_split = _split_groups(Counter(item["group"] for item in items), split, seed)
             split_of = {item["id"]: group_split[item["group"]] for item in items}
         datalist = {name: [item for item in items if split_of[item["id"]] == name] for name in SPLITS}
-        if not all(datalist.values()):
+        if not all(datalist[name] for name, share in zip(SPLITS, split) if share):
             logger.warning("%s: a split is empty (too few groups or foreground slices)", src)
         datalist["meta"] = {
             "created_by": "diffdenoise.data.prepare",
@@ -301,12 +304,12 @@ def _write_slice(root: Path, volume: Volume, k: int, clean: np.ndarray, noiser: 
 
 
 def _check_split(split) -> tuple[float, float, float]:
-    """Validates split fractions before anything is read."""
+    """Validates split fractions before anything is read: training and validation are never empty, test may be."""
     fractions = tuple(float(s) for s in split)
-    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
+    if len(fractions) != 3 or min(fractions[:2]) <= 0 or fractions[2] < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(
-            f"split {tuple(split)} must be three fractions (training, validation, test), each > 0, summing "
-            "to 1, e.g. (0.7, 0.15, 0.15)"
+            f"split {tuple(split)} must be three fractions (training, validation, test) summing to 1, training "
+            "and validation > 0, test >= 0, e.g. (0.7, 0.15, 0.15), or (0.85, 0.15, 0) for no test split"
         )
     return fractions
 
@@ -370,39 +373,42 @@ def _noisers(sources, noise, level, correlation, seed, modality) -> dict[str, Sy
 
 
 def _slice_blocks(indices: list[int], split, volume_id: str) -> dict[int, str]:
-    """Cuts one volume's slices into contiguous training | validation | test blocks.
+    """Cuts one volume's slices into contiguous blocks, one per split with a share: training | validation [| test].
 
     The slice at each block boundary is left out (a guard), so no split holds a neighbour of another
-    split's slice. Returns split name by slice index; guards are absent. Fewer than 5 slices cannot
-    make three blocks and two guards: they all go to training.
+    split's slice. Returns split name by slice index; guards are absent. Too few slices for one per block and
+    the guards between them all go to training.
     """
+    names = [name for name, share in zip(SPLITS, split) if share]
     n = len(indices)
-    if n < 5:
+    if n < 2 * len(names) - 1:
         if n:
-            logger.warning("%s: %d foreground slices, too few for 3 blocks; all go to training", volume_id, n)
+            logger.warning("%s: %d foreground slices, too few for %d blocks; all go to training", volume_id, n,
+                           len(names))
         return dict.fromkeys(indices, "training")
-    end_train = min(max(round(n * split[0]), 1), n - 4)
-    end_val = min(max(round(n * (split[0] + split[1])), end_train + 2), n - 2)
-    blocks = {
-        "training": indices[:end_train],
-        "validation": indices[end_train + 1 : end_val],
-        "test": indices[end_val + 1 :],
-    }
+    blocks, start, share = {}, 0, 0.0
+    for i, name in enumerate(names[:-1]):
+        share += split[SPLITS.index(name)]
+        later = len(names) - 1 - i  # blocks after this one, each needing a guard and a slice
+        end = min(max(round(n * share), start + 1), n - 2 * later)
+        blocks[name], start = indices[start:end], end + 1  # indices[end] is the guard
+    blocks[names[-1]] = indices[start:]
     return {k: name for name, block in blocks.items() for k in block}
 
 
 def _split_groups(sizes: Counter, split, seed: int) -> dict[str, str]:
     """Assigns whole groups (patients) to splits, deterministically from ``seed``.
 
-    Groups are shuffled; the first three seed training, validation and test (so none is empty); each
+    Groups are shuffled; the first ones seed each split with a share (so none of them is empty); each
     further group joins the split furthest below its share of slices.
     """
     groups = sorted(sizes)
     np.random.default_rng(seed).shuffle(groups)
-    shortfall = {name: fraction * sum(sizes.values()) for name, fraction in zip(SPLITS, split)}
+    shortfall = {name: fraction * sum(sizes.values()) for name, fraction in zip(SPLITS, split) if fraction}
+    names = list(shortfall)
     assigned = {}
     for i, group in enumerate(groups):
-        target = SPLITS[i] if i < len(SPLITS) else max(SPLITS, key=shortfall.get)
+        target = names[i] if i < len(names) else max(names, key=shortfall.get)
         assigned[group] = target
         shortfall[target] -= sizes[group]
     return assigned

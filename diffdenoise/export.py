@@ -61,7 +61,7 @@ def export_student(config_files: Sequence[str], bundle_root, formats: Sequence[s
             onnx_export(filepath=str(partial), input_shape=ONNX_EXAMPLE_SHAPE, use_trace=True,
                         converter_kwargs={"input_names": ["image"], "output_names": ["pred"], "dynamo": True,
                                           "dynamic_shapes": ({0: free, 2: free, 3: free},),
-                                          "verify": True, "use_ort": True},
+                                          "verify": True, "use_ort": True, "verbose": False},
                         **common)  # fmt: skip
         os.replace(partial, final)
         written.append(final)

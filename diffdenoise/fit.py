@@ -15,27 +15,43 @@ last stage and the export are done, so RUN_DIR is either a finished bundle or ab
     RUN_DIR/data/                  the prepared slices and every stage's outputs (pseudo-targets included)
     RUN_DIR/report.md              each mode's estimated gain over the noisy input on the validation slices, no
                                    reference needed (diffdenoise.assessment); the best is the bundle's default_mode
+
+Every slice but a small validation split trains (``FIT_SPLIT``): with no clean reference a test split would serve
+nothing. Before training each stage is timed briefly (``diffdenoise.plan``) and the plan is logged, one line per
+config run with its work and estimated time; each run then says when it starts and shows its progress
+(``diffdenoise.progress``), and a summary table ends the log: each stage's time, output and estimated gain.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
+import time
+from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Sequence
 
 from monai.bundle import ConfigParser
 
-from diffdenoise.assessment import assess_bundle, write_assessment
+from diffdenoise.assessment import Assessment, assess_bundle, write_assessment
 from diffdenoise.data import prepare
 from diffdenoise.errors import InputError
 from diffdenoise.export import check_formats, export_student
 from diffdenoise.io import atomic_folder, check_output_folder
-from diffdenoise.pipeline import (DEFAULT_METHOD, ITERATED, ITERATION_OVERLAY, STAGES, method_overlay, run_pipeline,
-                                  stage_keys)
+from diffdenoise.pipeline import (DEFAULT_METHOD, ITERATED, ITERATION_OVERLAY, STAGES, iteration_suffix, method_overlay,
+                                  run_pipeline, stage_keys)
+from diffdenoise.plan import PlannedStep, calibrate, plan
+from diffdenoise.progress import duration
 from diffdenoise.stages import bundle_dir, stage_config_files
+
+logger = logging.getLogger(__name__)
 
 # configs a finished bundle carries, beyond those STAGES run
 _EXTRA_CONFIGS = ("infer_bsn",)
+# (training, validation, test): validation picks checkpoints, the Tweedie rho and the default mode; no test split
+FIT_SPLIT = (0.85, 0.15, 0.0)
 
 
 def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modality: str | None = None,
@@ -46,7 +62,7 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
     Args:
         src: noisy DICOM series / NIfTI / PNG / TIFF, a file or a folder (``diffdenoise prepare``).
         run_dir: the bundle folder to create.
-        preset: ``smoke``, ``cpu`` or ``paper`` (``configs/presets``).
+        preset: a preset of ``configs/presets`` (``diffdenoise.resources.presets``), e.g. ``demo`` or ``cpu``.
         overlays: more overlays after the preset, e.g. ``["noise/correlated"]`` for correlated noise.
         modality: "mri", "ct", "xray" or "other" (CT is windowed in HU); None detects it.
         seed: fixes the splits and the training.
@@ -58,7 +74,8 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
         overrides: any config key, e.g. ``max_epochs=30`` (applied to every stage).
 
     Raises:
-        InputError: unusable input or an output folder that would clobber something (before any work).
+        InputError: unusable input, too few slices for a validation split, or an output folder that would clobber
+            something (before any work, or before any training for the slice count).
     """
     run_dir = Path(run_dir).absolute()
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
@@ -66,14 +83,113 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
     check_output_folder(run_dir, src, overwrite)
     formats = check_formats(["torchscript", *(["onnx"] if onnx else [])])
     overlays = [f"presets/{preset}", method_overlay(method), *overlays]
+    keys = {"seed": seed, **overrides}
+    started, seconds = time.perf_counter(), {}
     with atomic_folder(run_dir, overwrite) as work:
-        prepare(src, work / "data", modality=modality, seed=seed)
-        run_pipeline(work / "data", work, overlays, iterations=iterations, seed=seed, **overrides)
-        _write_configs(work, run_dir, overlays, {"seed": seed, **overrides}, iterations)
-        assessment = assess_bundle(work, work / "data", seed=seed)
-        write_assessment(work, assessment)
-        export_student([work / "configs" / "inference.yaml"], work, formats)
+        data = work / "data"
+        with _timed(seconds, "prepare"):
+            prepare(src, data, modality=modality, seed=seed, split=FIT_SPLIT)
+            _say_counts(src, data)
+        logger.info("timing every stage on one training and one validation slice, to plan the run")
+        with _timed(seconds, "timing"):
+            planned = plan(calibrate(data, work / "timing", overlays, **keys), data, iterations)
+        _say_plan(planned)
+        _, stage_seconds = run_pipeline(data, work, overlays, iterations=iterations, watch=_announce(planned), **keys)
+        seconds.update(stage_seconds)
+        _write_configs(work, run_dir, overlays, keys, iterations)
+        _say_start(planned, len(planned) - 1)
+        with _timed(seconds, "assessment"):
+            assessment = assess_bundle(work, data, seed=seed)
+            write_assessment(work, assessment)
+        with _timed(seconds, "export"):
+            export_student([work / "configs" / "inference.yaml"], work, formats)
+        _say_summary(seconds, time.perf_counter() - started, sum(p.seconds for p in planned), assessment, formats)
     return run_dir
+
+
+@contextmanager
+def _timed(seconds: dict, name: str):
+    started = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - started
+
+
+def _say_counts(src, data: Path) -> None:
+    """How the slices were split, in one line; a clear error when there are too few for a validation split."""
+    meta = json.loads((data / "datalist.json").read_text())["meta"]
+    counts, volumes = meta["counts"], meta["volumes"].values()
+    guards = sum(len(v["guard_slices"]) for v in volumes)
+    if not counts["validation"]:
+        raise InputError(src, f"{counts['training']} foreground slices in {len(volumes)} volume(s): too few for a "
+                         "validation split; fit needs two volumes, or 3 slices of one (training, a guard slice, "
+                         "validation)")
+    how = ("whole volumes to each split" if meta["split_by"] == "group" else
+           f"by contiguous slice blocks, {guards} guard slice{'s' * (guards != 1)} between them left out")
+    background = sum(len(v["background_slices"]) for v in volumes)
+    logger.info("%d volume%s: %d slices for training, %d for validation, no test split (%s; %d background-only "
+                "slices skipped)", len(volumes), "s" * (len(volumes) != 1), counts["training"], counts["validation"],
+                how, background)
+
+
+def _say_plan(planned: list[PlannedStep]) -> None:
+    logger.info("plan, with times estimated on this machine:")
+    for i, step in enumerate(planned, 1):
+        logger.info("  [%d/%d] %s (%s): %s; about %s", i, len(planned), step.name, step.title, step.work,
+                    duration(step.seconds))
+    logger.info("in all %s", _left(planned))
+
+
+def _left(planned: list[PlannedStep]) -> str:
+    """The estimated time of ``planned`` and when it ends from now."""
+    left = sum(step.seconds for step in planned)
+    return f"about {duration(left)}: done around {(datetime.now() + timedelta(seconds=left)).strftime('%H:%M')}"
+
+
+def _say_start(planned: list[PlannedStep], index: int) -> None:
+    step = planned[index]
+    logger.info("[%d/%d] %s (%s): about %s; left in all %s", index + 1, len(planned), step.name, step.title,
+                duration(step.seconds), _left(planned[index:]))
+
+
+def _announce(planned: list[PlannedStep]):
+    """``run_pipeline``'s watch: each config run starts with its line of the plan and the time left."""
+    names = [step.name for step in planned]
+
+    @contextmanager
+    def announce(step, overlays, keys):
+        _say_start(planned, names.index(step.name))
+        yield None
+
+    return announce
+
+
+def _say_summary(seconds: dict, total: float, estimated: float, assessment: Assessment,
+                 formats: Sequence[str]) -> None:
+    """A table, a row per entry of ``seconds`` (in order): its time, what it left and, for a stage's last run,
+    its estimated gain (the default mode marked)."""
+    stages = {stage.name: stage for stage in STAGES}
+    others = {"prepare": "data/datalist.json", "timing": "the plan above", "assessment": "report.md",
+              "export": ", ".join(f"models/model.{'ts' if f == 'torchscript' else f}" for f in formats)}
+    last_run = {key.partition("@")[0]: key for key in seconds}
+    rows = []
+    for key, took in seconds.items():
+        name, _, k = key.partition("@")
+        if name not in stages:
+            rows.append((name, took, others[name], ""))
+            continue
+        estimate = assessment.estimates.get(name) if last_run[name] == key else None
+        gain = "" if estimate is None else f"{estimate.gain_db:+.2f} dB" + (
+            " (default)" if assessment.default_mode == name else "")
+        outputs = ", ".join(f"data/{output}{iteration_suffix(int(k or 1))}/" for output in stages[name].outputs)
+        rows.append((stages[name].title + (f", iteration {k}" if k else ""), took, outputs, gain))
+    widths = (max(len(row[0]) for row in rows), 10, max(len(row[2]) for row in rows))
+    logger.info("done in %s (estimated %s before training):", duration(total), duration(estimated))
+    for name, took, output, gain in [("stage", "time", "output", "estimated gain"), *rows]:
+        took = took if isinstance(took, str) else duration(took)
+        line = f"{name.ljust(widths[0])}  {took.ljust(widths[1])}  {output.ljust(widths[2])}  {gain}"
+        logger.info("  %s", line.rstrip())
+    if assessment.default_mode is None:
+        logger.info("no stage is estimated to beat the noisy input: `diffdenoise denoise` needs --mode")
 
 
 def _write_configs(work: Path, run_dir: Path, overlays: Sequence[str], overrides: dict, iterations: int) -> None:

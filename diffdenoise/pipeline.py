@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from diffdenoise.stages import run_stage
 
@@ -33,18 +34,21 @@ logger = logging.getLogger(__name__)
 class Stage(NamedTuple):
     """One step of the pipeline: the bundle configs it runs and the slice keys it adds."""
 
-    name: str
+    name: str  # also the `diffdenoise denoise --mode` that runs it
+    title: str  # what a user is told it is
     configs: tuple[str, ...]  # bundle configs run in order, each merged over common.yaml
     outputs: tuple[str, ...]  # slice keys added, in the order their datalists are written
     labels: tuple[str, ...]  # report labels of those keys
 
 
 STAGES = (
-    Stage("bsn", ("train_bsn", "infer_bsn"), ("bsn", "bsn_posterior"),
+    Stage("bsn", "stage 1: blind-spot network", ("train_bsn", "infer_bsn"), ("bsn", "bsn_posterior"),
           ("BSN x_c (stage 1, blind)", "BSN + re-injection (stage 1 denoiser)")),
-    Stage("srds", ("train_diffusion", "sample_srds"), ("srds",), ("SRDS (stages 2-3)",)),
-    Stage("student", ("train_student", "inference"), ("student",), ("student (stage 4)",)),
+    Stage("srds", "stages 2-3: diffusion", ("train_diffusion", "sample_srds"), ("srds",), ("SRDS (stages 2-3)",)),
+    Stage("student", "stage 4: distilled student", ("train_student", "inference"), ("student",),
+          ("student (stage 4)",)),
 )
+TITLES = {stage.name: stage.title for stage in STAGES}
 LABELS = {"image": "noisy input", **{k: label for s in STAGES for k, label in zip(s.outputs, s.labels)}}
 # the denoising outputs, each with the config whose network makes it and that config's inferer key
 # (``diffdenoise.stages.stage_denoiser``); x_c (``bsn``) is the blind condition, not a denoiser's output
@@ -68,6 +72,10 @@ class Step(NamedTuple):
     config: str
     overlays: tuple[str, ...]  # added after the caller's overlays
     keys: dict  # added after the caller's keys
+
+
+# a context manager around each config run; ``run_pipeline`` says what it is given and what it yields
+Watch = Callable[[Step, list, dict], AbstractContextManager[dict | None]]
 
 
 def iteration_suffix(iteration: int) -> str:
@@ -117,7 +125,7 @@ def pipeline_steps(dataset_dir: Path, iterations: int = 1) -> list[Step]:
 
 
 def run_pipeline(dataset_dir, bundle_root, overlays: Sequence[str], stop_after: str | None = None,
-                 iterations: int = 1, **overrides) -> tuple[Path, dict[str, float]]:
+                 iterations: int = 1, watch: Watch | None = None, **overrides) -> tuple[Path, dict[str, float]]:
     """Runs the stages in order (up to ``stop_after``, a ``Stage.name``) on a prepared dataset.
 
     Args:
@@ -126,6 +134,9 @@ def run_pipeline(dataset_dir, bundle_root, overlays: Sequence[str], stop_after: 
         overlays: preset/noise overlays merged after each stage's configs, e.g. ``["presets/cpu"]``.
         stop_after: the last stage to run (of iteration 1); None runs all.
         iterations: rounds of stages 2-4; each after the first is conditioned on the previous student.
+        watch: ``watch(step, overlays, keys)`` is entered around each config run, with that run's overlays and
+            keys; the dict it yields (or None) adds keys to that run alone. ``diffdenoise.plan`` cuts training
+            short with it, ``diffdenoise fit`` says which stage starts.
         overrides: config keys for every stage, e.g. ``seed=0``.
 
     Returns:
@@ -139,9 +150,11 @@ def run_pipeline(dataset_dir, bundle_root, overlays: Sequence[str], stop_after: 
         steps = steps[:last + 1]
     seconds: dict[str, float] = {}
     for step in steps:
-        logger.info("stage %s: %s", step.stage, step.name)
+        logger.debug("stage %s: %s", step.stage, step.name)
+        step_overlays, step_keys = [*overlays, *step.overlays], {**keys, **step.keys}
         started = time.perf_counter()
-        run_stage(step.config, [*overlays, *step.overlays], **{**keys, **step.keys})
+        with watch(step, step_overlays, step_keys) if watch else nullcontext() as extra:
+            run_stage(step.config, step_overlays, **{**step_keys, **(extra or {})})
         iteration = step.keys.get("iteration", 1)
         timed = step.stage if iteration == 1 else f"{step.stage}@{iteration}"
         seconds[timed] = seconds.get(timed, 0.0) + time.perf_counter() - started

@@ -1,55 +1,29 @@
 """Running the bundle's stages and handing one stage's outputs to the next.
 
 Each stage is a MONAI bundle config (``bundles/diffdenoise/configs/*.yaml``) merged over ``common.yaml``
-and followed by overlays (``configs/presets/*.yaml``, ``configs/noise/*.yaml``). This module finds those
-files whether the package runs from a clone or from an installed wheel, runs a stage through
-``monai.bundle.run``, and writes per-slice outputs of a trained stage (x_c of the BSN, say) next to the
-prepared slices with a datalist that the next stage reads.
+and followed by overlays (``configs/presets/*.yaml``, ``configs/noise/*.yaml``; ``diffdenoise.resources`` finds
+them). This module runs a stage through ``monai.bundle.run``, and writes per-slice outputs of a trained stage
+(x_c of the BSN, say) next to the prepared slices with a datalist that the next stage reads.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from diffdenoise.data import load_datalist
 from diffdenoise.errors import InputError, one_line, raise_missing
 from diffdenoise.io import atomic_folder
+from diffdenoise.progress import Progress
+from diffdenoise.resources import bundle_dir, overlay_path
 
 SPLITS = ("training", "validation", "test")
-
-
-def _resource_root() -> Path:
-    """The folder holding ``bundles/`` and ``configs/``: the clone (editable install) or ``<prefix>/share``."""
-    for root in (Path(__file__).resolve().parents[1], Path(sys.prefix) / "share" / "diffdenoise"):
-        if (root / "bundles" / "diffdenoise" / "configs" / "common.yaml").is_file():
-            return root
-    raise FileNotFoundError(
-        "bundle configs not found beside the package nor under <prefix>/share/diffdenoise; "
-        "reinstall with `pip install -e .` from the repository root"
-    )
-
-
-def bundle_dir() -> Path:
-    """The shipped bundle ``bundles/diffdenoise``."""
-    return _resource_root() / "bundles" / "diffdenoise"
-
-
-def overlay_path(name: str) -> Path:
-    """An overlay from ``configs/``, e.g. ``presets/cpu`` or ``noise/correlated``, as a file path."""
-    path = _resource_root() / "configs" / f"{name}.yaml"
-    if not path.is_file():
-        available = sorted(str(p.relative_to(path.parents[1]))[:-5] for p in path.parents[1].glob("*/*.yaml"))
-        raise ValueError(f"overlay '{name}' not found; available: {', '.join(available)}")
-    return path
 
 
 def stage_config_files(stage: str, overlays: Sequence[str] = ()) -> list[str]:
@@ -125,7 +99,8 @@ def write_stage_outputs(
     The outputs go to ``<dataset>/<key>/<id>.npy`` (float32, (H, W)) and a datalist
     ``<dataset>/datalist_<key>.json`` repeats the input datalist with ``key`` added to each item, so the
     next stage reads both. Extra ``input_keys`` (e.g. ``("image", "bsn")``) are passed to the inferer as
-    ``condition=`` after the first. Files are written to a temporary folder and renamed at the end.
+    ``condition=`` after the first. Files are written to a temporary folder and renamed at the end. With
+    ``progress``, a bar on a terminal or a log line a minute otherwise (``diffdenoise.progress``).
 
     Returns:
         The path of the new datalist.
@@ -140,12 +115,12 @@ def write_stage_outputs(
     network = network.to(device).eval()
     result: dict = {"meta": {**raw.get("meta", {}), "stage_output": key, "inputs": list(input_keys)}}
     # A stage run again replaces its outputs; a killed run's leftovers beside them are removed on entry.
-    with atomic_folder(out_dir, overwrite=True) as tmp_dir:
-        for split in SPLITS:
-            items = load_datalist(datalist_path, split)
+    splits = {split: list(zip(raw.get(split, []), load_datalist(datalist_path, split))) for split in SPLITS}
+    with atomic_folder(out_dir, overwrite=True) as tmp_dir, \
+            Progress(sum(map(len, splits.values())), key, "slice", shown=progress) as bar:
+        for split, items in splits.items():
             result[split] = []
-            for raw_item, item in tqdm(list(zip(raw.get(split, []), items)), desc=f"{key} ({split})",
-                                       disable=not progress):  # fmt: skip
+            for raw_item, item in items:
                 tensors = [torch.from_numpy(np.load(item[k]))[None, None].float().to(device) for k in input_keys]
                 with torch.inference_mode():
                     kwargs = {"condition": tensors[1]} if len(tensors) > 1 else {}
@@ -154,6 +129,7 @@ def write_stage_outputs(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 np.save(target, pred[0, 0].float().cpu().numpy())
                 result[split].append({**raw_item, key: f"{key}/{item['id']}.npy"})
+                bar.update()
     new_datalist = dataset_dir / f"datalist_{key}.json"
     tmp_json = new_datalist.with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(result, indent=1))

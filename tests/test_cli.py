@@ -3,8 +3,13 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from diffdenoise.cli import main
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
 
 
 def test_demo_runs_offline_and_reports_every_stage(tmp_path):
@@ -52,3 +57,15 @@ def test_stage_without_its_checkpoint_names_the_key(tmp_path, capsys):
     assert main(["stage", "infer_bsn", "presets/smoke", "--bundle_root", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bsn_ckpt" in err[0] and "bsn.pt" in err[0]
+
+
+@pytest.mark.parametrize("command", ["fit", "denoise"])
+def test_help_lists_every_preset_on_disk_with_its_use_and_cost(command):
+    done = subprocess.run([sys.executable, "-m", "diffdenoise.cli", command, "--help"], capture_output=True, text=True,
+                          timeout=120)
+    presets = sorted(PRESETS.glob("*.yaml"))
+    assert len(presets) >= 4
+    for preset in presets:
+        header = preset.read_text().splitlines()[0]
+        assert header.startswith("# ") and len(header) > 30, f"{preset.name}: its first line says its use and cost"
+        assert f"{preset.stem}: {header[2:]}" in done.stdout + done.stderr, preset.stem  # fire's help: on stderr

@@ -112,6 +112,25 @@ def test_split_modes_and_counts(prepared):
         assert (meta["split_by"], [meta["counts"][name] for name in SPLITS]) == (split_by, counts), folder
 
 
+@pytest.mark.parametrize("folder, split_by, guards", [("brain_mri_t1_axial_studyforrest/series", "slice_blocks", 1),
+                                                    ("head_ct_ge/series", "slice_blocks", 1),
+                                                    ("nifti_volumes", "group", 0)])
+def test_a_zero_test_share_trains_on_every_slice_but_validation(shared_data, tmp_path, folder, split_by, guards):
+    """`fit`'s split: no test split, and every foreground slice is in training or validation, but the one guard
+    slice between the two blocks of a volume cut by slices."""
+    kwargs = {k: v for k, v in CASES[folder].items() if k != "noise" and k != "correlation"}
+    datalist = json.loads(prepare(shared_data / folder, tmp_path / "out", split=(0.85, 0.15, 0.0), progress=False,
+                                  **kwargs).read_text())
+    meta = datalist["meta"]
+    foreground = sum(len(v["guard_slices"]) + v["slices_written"] for v in meta["volumes"].values())
+    assert meta["split_by"] == split_by and datalist["test"] == [] and datalist["validation"]
+    assert meta["counts"]["training"] + meta["counts"]["validation"] == foreground - guards
+    assert sum(len(v["guard_slices"]) for v in meta["volumes"].values()) == guards
+    split_of = {(item["volume"], item["slice_index"]): name for name in SPLITS for item in datalist[name]}
+    for (volume, k), name in split_of.items():
+        assert split_of.get((volume, k + 1), name) == name, (volume, k)
+
+
 def test_groups_csv_sets_patients(prepared):
     _, datalist = prepared("chest_xray_mhh/png")
     items = _items(datalist)
@@ -167,7 +186,7 @@ def test_failure_mid_way_leaves_no_output(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"split": (0.8, 0.2, 0.0)}, ValueError, "split"),
+        ({"split": (0.8, 0.0, 0.2)}, ValueError, "split"),
         ({"level": 0.1}, ValueError, "level and correlation only apply with noise"),
         ({"noise": "speckle"}, ValueError, "noise 'speckle' is not one of"),
         ({"noise": "gaussian"}, InputError, "modality 'other' has no paper noise level"),

@@ -1,0 +1,46 @@
+"""How a short timing of each stage is scaled to the planned work (diffdenoise.plan), on a prepared folder."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffdenoise.data import prepare
+from diffdenoise.pipeline import pipeline_steps
+from diffdenoise.plan import StepCost, plan
+from diffdenoise.progress import Timing
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """Five 32 x 32 scans, one of them for validation (fit's split)."""
+    src = tmp_path / "scans"
+    src.mkdir()
+    for n in range(5):
+        Image.fromarray(np.random.default_rng(n).integers(30, 220, (32, 32), dtype=np.uint8)).save(src / f"{n}.png")
+    return prepare(src, tmp_path / "data", split=(0.85, 0.15, 0.0), progress=False).parent
+
+
+def _slices(*outputs):
+    """A slice-writing config that took 5 s, 2 of them on the two timed slices for each output."""
+    return StepCost(5.0, tuple(Timing(key, "slice", 2, (1.0, 1.0), 0.0) for key in outputs))
+
+
+def test_each_config_is_scaled_from_its_short_run(prepared):
+    # a training config: 10 s for 4 iterations (1 s each after a 0.5 s first) and 2 s of validation on one slice
+    training = StepCost(10.0, (Timing("training", "iteration", 4, (0.5, 1.0, 1.0, 1.0), 2.0),), iterations=100,
+                        epochs=2, batch_size=8)
+    costs = {"train_bsn": training, "train_diffusion": training, "train_student": training,
+             "infer_bsn": _slices("bsn", "bsn_posterior"), "sample_srds": _slices("srds"),
+             "inference": _slices("student")}
+    planned = plan(costs, prepared)
+    assert [p.name for p in planned] == [s.name for s in pipeline_steps(prepared)] + ["assessment"]
+    seconds = {p.name: p.seconds for p in planned}
+    # start-up 10 - 4 x 1 - 2 = 4 s, 100 iterations of 1 s, 2 validations of 2 s on the 1 validation slice
+    assert seconds["train_bsn"] == pytest.approx(4 + 100 + 2 * 2)
+    # start-up: 5 s less 2 s per output; each output's 2 s on 2 slices scaled to the 5 slices of the same size
+    assert seconds["infer_bsn"] == pytest.approx(1 + 2 * 2 * 5 / 2)
+    assert seconds["sample_srds"] == pytest.approx(3 + 2 * 5 / 2)
+    # the 3 denoisers, each twice on the 1 validation slice: 2 x 3 x 1 s
+    assert seconds["assessment"] == pytest.approx(6)
+    assert planned[0].work == "100 iterations of 8 crops, validated 2 times on 1 slices"
+    assert planned[1].work == "5 slices, 2 outputs (bsn, bsn_posterior)"
