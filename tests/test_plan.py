@@ -12,10 +12,10 @@ from diffdenoise.progress import Timing
 
 @pytest.fixture
 def prepared(tmp_path):
-    """Five 32 x 32 scans, one of them for validation (fit's split)."""
+    """Twelve 32 x 32 scans, two of them for validation (fit's split)."""
     src = tmp_path / "scans"
     src.mkdir()
-    for n in range(5):
+    for n in range(12):
         Image.fromarray(np.random.default_rng(n).integers(30, 220, (32, 32), dtype=np.uint8)).save(src / f"{n}.png")
     return prepare(src, tmp_path / "data", split=(0.85, 0.15, 0.0), progress=False).parent
 
@@ -35,12 +35,13 @@ def test_each_config_is_scaled_from_its_short_run(prepared):
     planned = plan(costs, prepared)
     assert [p.name for p in planned] == [s.name for s in pipeline_steps(prepared)] + ["assessment"]
     seconds = {p.name: p.seconds for p in planned}
-    # start-up 10 - 4 x 1 - 2 = 4 s, 100 iterations of 1 s, 2 validations of 2 s on the 1 validation slice
-    assert seconds["train_bsn"] == pytest.approx(4 + 100 + 2 * 2)
-    # start-up: 5 s less 2 s per output; each output's 2 s on 2 slices scaled to the 5 slices of the same size
-    assert seconds["infer_bsn"] == pytest.approx(1 + 2 * 2 * 5 / 2)
-    assert seconds["sample_srds"] == pytest.approx(3 + 2 * 5 / 2)
-    # the 3 denoisers, each twice on the 1 validation slice: 2 x 3 x 1 s
-    assert seconds["assessment"] == pytest.approx(6)
-    assert planned[0].work == "100 iterations of 8 crops, validated 2 times on 1 slices"
-    assert planned[1].work == "5 slices, 2 outputs (bsn, bsn_posterior)"
+    # start-up 10 - 4 x 1 - 2 = 4 s, 100 iterations of 1 s, 2 validations of 2 s on each of the 2 validation slices
+    assert seconds["train_bsn"] == pytest.approx(4 + 100 + 2 * 2 * 2)
+    # start-up (5 s less 2 s per output) once per validation slice (stage 3 chooses its rho on them); each output's
+    # 2 s on 2 slices scaled to the 12 slices of the same size
+    assert seconds["infer_bsn"] == pytest.approx(1 * 2 + 2 * 2 * 12 / 2)
+    assert seconds["sample_srds"] == pytest.approx(3 * 2 + 2 * 12 / 2)
+    # the 3 denoisers, each twice on the 2 validation slices: 2 x 3 x 2 x 1 s
+    assert seconds["assessment"] == pytest.approx(12)
+    assert planned[0].work == "100 iterations of 8 crops, validated 2 times on 2 slices"
+    assert planned[1].work == "12 slices, 2 outputs (bsn, bsn_posterior)"
