@@ -78,7 +78,7 @@ def calibrate(dataset_dir, scratch, overlays, **overrides) -> dict[str, StepCost
     scratch = Path(scratch)
     data = scratch / "data"
     data.mkdir(parents=True)
-    datalist = Path(dataset_dir) / "datalist.json"
+    datalist = Path(dataset_dir).absolute() / "datalist.json"  # the scratch datalist names its slices by this
     firsts = {split: load_datalist(datalist, split)[:1] for split in ("training", "validation")}
     (data / "datalist.json").write_text(json.dumps({**firsts, "test": [],
                                                     "meta": json.loads(datalist.read_text())["meta"]}))
