@@ -3,22 +3,27 @@
 A user should know from the first minute what ``fit`` will do and roughly when it ends. What a stage costs differs
 by orders of magnitude between presets, machines and slice sizes, so it is measured rather than assumed:
 ``calibrate`` runs the real pipeline (the same configs and code) in a scratch folder on one training and one
-validation slice, each training config cut to one epoch of ``TIMED_ITERATIONS`` full batches, and keeps the
-``Timing`` of every progress (``diffdenoise.progress``). ``plan`` scales them to the real run:
+validation slice, each training config cut to two epochs of ``TIMED_ITERATIONS`` full batches in all, and keeps
+the ``Timing`` of every progress (``diffdenoise.progress``). ``plan`` scales them to the real run:
 
 - a training config: its start-up, iterations x seconds per iteration (the median after the first, which pays
-  for warm-up), and per epoch the validation and checkpoint after the last iteration, times the validation slices;
+  for warm-up, scaled to the mean batch of a pass over the training slices, whose last batch is smaller), and
+  per epoch the validation and checkpoint after an epoch's last iteration (the first epoch's end also opens logs
+  and writers once), times the validation slices;
 - a config that writes slice outputs: its start-up and, per output, seconds per pixel x the pixels of all slices;
 - the assessment (``diffdenoise.assessment``): each denoiser twice per assessed slice (``diffdenoise.quality``).
 
 Start-up is what a short run took beyond its timed units (parsing, caching, loading networks, choosing the
-Tweedie rho): taken as fixed, which undercounts work that grows with the data, such as choosing rho on up to 8
-validation slices instead of one.
+Tweedie rho). For a training config it is taken as fixed. For a config that writes slice outputs it is scaled by
+the validation slices (up to ``RHO_SLICES``): in stage 3 it is mostly the rho choice, which reads each of them
+(on 24 chest X-rays, 4 of them, it took longer than a third of the stage); elsewhere it is a few seconds, so the
+overcount is small.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -30,10 +35,12 @@ import numpy as np
 from diffdenoise.assessment import assessed_items
 from diffdenoise.data import load_datalist
 from diffdenoise.pipeline import DENOISER_OUTPUTS, TITLES, pipeline_steps, run_pipeline
-from diffdenoise.progress import Timing, record
+from diffdenoise.progress import Progress, Timing, record
 from diffdenoise.stages import SPLITS, stage_parser
 
 TIMED_ITERATIONS = 6
+# the validation slices stage 3 chooses the Tweedie rho on, at most (configs/method/leak_free.yaml)
+RHO_SLICES = 8
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,8 @@ class PlannedStep:
 
 def calibrate(dataset_dir, scratch, overlays, **overrides) -> dict[str, StepCost]:
     """Runs iteration 1 of the pipeline on the first training and validation slice of ``dataset_dir``, in
-    ``scratch`` (removed after), showing nothing; returns each config's ``StepCost`` by config name.
+    ``scratch`` (removed after), showing only its own progress over the configs; returns each config's
+    ``StepCost`` by config name.
 
     Args:
         dataset_dir: a prepared folder with a validation split.
@@ -70,7 +78,7 @@ def calibrate(dataset_dir, scratch, overlays, **overrides) -> dict[str, StepCost
     scratch = Path(scratch)
     data = scratch / "data"
     data.mkdir(parents=True)
-    datalist = Path(dataset_dir) / "datalist.json"
+    datalist = Path(dataset_dir).absolute() / "datalist.json"  # the scratch datalist names its slices by this
     firsts = {split: load_datalist(datalist, split)[:1] for split in ("training", "validation")}
     (data / "datalist.json").write_text(json.dumps({**firsts, "test": [],
                                                     "meta": json.loads(datalist.read_text())["meta"]}))
@@ -85,16 +93,19 @@ def calibrate(dataset_dir, scratch, overlays, **overrides) -> dict[str, StepCost
                        "iterations": parser.get_parsed_content("train#trainer#max_epochs")
                        * parser.get_parsed_content("train#trainer#epoch_length"),
                        "batch_size": parser.get_parsed_content("train#dataloader#batch_size")}
-            # one epoch of full batches: the one training slice, repeated to a batch
-            short = {"train#trainer#max_epochs": 1, "train#trainer#epoch_length": TIMED_ITERATIONS,
+            # full batches (the one training slice, repeated to a batch) in two epochs, so that the time after
+            # the last iteration is a validation without what the first epoch's end does once
+            short = {"train#trainer#max_epochs": 2, "train#trainer#epoch_length": TIMED_ITERATIONS // 2,
                      "train#dataset#data": "$@train#datalist * @train#dataloader#batch_size"}
         started = time.perf_counter()
         with record(show=False) as timings:
             yield short
         costs[step.config] = StepCost(time.perf_counter() - started, tuple(timings), **planned)
+        progress.update()
 
     try:
-        run_pipeline(data, scratch, overlays, watch=timed, **overrides)
+        with Progress(len(pipeline_steps(data)), "timing", "stage") as progress:
+            run_pipeline(data, scratch, overlays, watch=timed, **overrides)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return costs
@@ -114,13 +125,19 @@ def plan(costs: dict[str, StepCost], dataset_dir, iterations: int = 1) -> list[P
         if cost.iterations is not None:
             timing = next(t for t in cost.timings if t.unit == "iteration")
             startup = cost.seconds - timing.count * timing.per_unit - timing.tail
-            # the short run validated on one slice
-            seconds = startup + cost.iterations * timing.per_unit + cost.epochs * timing.tail * len(items["validation"])
+            # the end of an epoch: the later of the two, or the first's excess over an iteration if that is less
+            # (either may have been slowed by other work on the machine); the short run validated on one slice
+            epoch_end = min(timing.tail, timing.steps[TIMED_ITERATIONS // 2] - timing.per_unit)
+            # the short run had only full batches; a pass over the training slices ends with a smaller one
+            passes = math.ceil(len(items["training"]) / cost.batch_size)
+            iteration = timing.per_unit * len(items["training"]) / (passes * cost.batch_size)
+            seconds = startup + cost.iterations * iteration + cost.epochs * epoch_end * len(items["validation"])
             times = "once" if cost.epochs == 1 else f"{cost.epochs} times"
             work = (f"{cost.iterations} iterations of {cost.batch_size} crops, validated {times} on "
                     f"{len(items['validation'])} slices")
         else:
             startup = cost.seconds - sum(t.seconds + t.tail for t in cost.timings)
+            startup *= min(len(items["validation"]), RHO_SLICES)
             seconds = startup + scale * sum(t.seconds for t in cost.timings)
             per_pixel.update({t.desc: t.seconds / _pixels(timed) for t in cost.timings})
             outputs = [t.desc for t in cost.timings]
