@@ -63,7 +63,7 @@ from diffdenoise.errors import InputError
 from diffdenoise.io import atomic_folder
 from diffdenoise.metrics import noise_leak, psnr, ssim
 from diffdenoise.noise import NOISE_MODELS, PAPER_LEVELS
-from diffdenoise.pipeline import Step, method_overlay, pipeline_steps, stage_keys
+from diffdenoise.pipeline import Step, bundle_overlays, pipeline_steps, stage_keys
 from diffdenoise.report import paired_best, save_visual_grid, significance_table
 from diffdenoise.stages import overlay_path, run_stage, stage_denoiser, stage_parser
 
@@ -260,7 +260,7 @@ def _overlays(settings: FitSettings, method: str = "paper", prior: str = "box") 
     """The bundle overlays of every bundle stage of a case: the preset's sizes, the blind spot for its noise, the
     diffusion method (``configs/method``) and, for stage 1's learned prior, ``configs/stage1``."""
     stage1 = [] if prior == "box" else [f"stage1/{prior}_prior"]
-    return [f"presets/{settings.bundle_preset}", bsn_overlay(settings.case.correlation), method_overlay(method), *stage1]
+    return [*bundle_overlays(settings.bundle_preset, method), bsn_overlay(settings.case.correlation), *stage1]
 
 
 def _steps_upto(steps: Sequence[Step], name: str) -> list[Step]:

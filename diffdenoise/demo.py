@@ -17,7 +17,7 @@ import numpy as np
 
 from diffdenoise.data import evenly_spaced, load_datalist, prepare
 from diffdenoise.metrics import score_datalist
-from diffdenoise.pipeline import DEFAULT_METHOD, DENOISER_OUTPUTS, LABELS, method_overlay, run_pipeline, stage_keys
+from diffdenoise.pipeline import DEFAULT_METHOD, DENOISER_OUTPUTS, LABELS, bundle_overlays, run_pipeline, stage_keys
 from diffdenoise.quality import estimate_mse, psnr_from_mse, resolve_noise_level
 from diffdenoise.report import save_visual_grid, score_table
 from diffdenoise.stages import stage_denoiser
@@ -55,7 +55,7 @@ def run_demo(out: str = "diffdenoise_demo", preset: str = "demo", noise: str = "
                        downsample=downsample)
     timings = {"prepare": time.perf_counter() - started}
     # the noise is known here, so the stage-1 denoiser re-injects with the true level
-    overlays = [f"presets/{preset}", method_overlay(method)]
+    overlays = bundle_overlays(preset, method)
     settings = {"seed": seed, "noise_model": noise, "noise_level": level}
     datalist, seconds = run_pipeline(data_dir, out / "bundle", overlays, **settings)
     keys = {"dataset_dir": str(data_dir), "bundle_root": str(out / "bundle"), **stage_keys(data_dir), **settings}

@@ -40,7 +40,7 @@ from diffdenoise.data import prepare
 from diffdenoise.errors import InputError
 from diffdenoise.export import check_formats, export_student
 from diffdenoise.io import atomic_folder, check_output_folder
-from diffdenoise.pipeline import (DEFAULT_METHOD, ITERATED, ITERATION_OVERLAY, STAGES, iteration_suffix, method_overlay,
+from diffdenoise.pipeline import (DEFAULT_METHOD, ITERATED, ITERATION_OVERLAY, STAGES, bundle_overlays, iteration_suffix,
                                   run_pipeline, stage_keys)
 from diffdenoise.plan import PlannedStep, calibrate, plan
 from diffdenoise.progress import duration
@@ -82,7 +82,7 @@ def fit(src, run_dir, preset: str = "cpu", overlays: Sequence[str] = (), modalit
         raise InputError("--iterations", f"must be a whole number >= 1, got {iterations!r}")
     check_output_folder(run_dir, src, overwrite)
     formats = check_formats(["torchscript", *(["onnx"] if onnx else [])])
-    overlays = [f"presets/{preset}", method_overlay(method), *overlays]
+    overlays = [*bundle_overlays(preset, method), *overlays]
     keys = {"seed": seed, **overrides}
     started, seconds = time.perf_counter(), {}
     with atomic_folder(run_dir, overwrite) as work:

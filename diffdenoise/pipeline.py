@@ -102,6 +102,13 @@ def method_overlay(method: str) -> str:
     return f"method/{method}"
 
 
+def bundle_overlays(preset: str, method: str) -> list[str]:
+    """The overlays every stage of a run starts with: the method's, then the preset's. The method brings its
+    mechanism and its options' defaults; a preset, merged after it, may set those options (e.g. the demo's
+    fixed Tweedie rho)."""
+    return [method_overlay(method), f"presets/{preset}"]
+
+
 def stage_keys(dataset_dir: Path, iteration: int = 1) -> dict:
     """Config keys that chain the datalists: each stage reads the one its predecessor wrote.
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.inferers import Inferer
+from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from diffdenoise.recorruption import Recorruption, schedule_rho, timestep_for_rho
@@ -67,6 +67,29 @@ class RecorruptedX0Inferer(Inferer):
         return h if loss_scale is None else h * loss_scale.reshape(-1, *[1] * (h.ndim - 1))
 
 
+def windowed(network: Callable[..., torch.Tensor], roi_size: Sequence[int] | None,
+             overlap: float = 0.25) -> Callable[..., torch.Tensor]:
+    """``network(inputs, timesteps=t)`` run window by window (MONAI's sliding window, Gaussian-blended), or the
+    network itself for ``roi_size`` None.
+
+    The diffusion U-Net trains on crops, and its middle block always attends over all of its (H/4)(W/4) tokens:
+    on a whole 640-pixel X-ray that is 28 000 tokens against 256 on a 64-pixel crop, so whole-slice inference costs
+    the square of the pixel count and shows the attention a field it never saw in training. Windows of the
+    training crop keep both as in training. Every item of a call must share one timestep (as in stage 3)."""
+    if roi_size is None:
+        return network
+
+    def run(inputs: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if not bool((timesteps == timesteps[0]).all()):
+            raise ValueError("a windowed network call needs one timestep for the whole batch")
+        step = timesteps[:1]
+        return sliding_window_inference(inputs, list(roi_size), len(inputs),
+                                        lambda window: network(window, timesteps=step.expand(len(window))),
+                                        overlap=overlap, mode="gaussian")
+
+    return run
+
+
 def _padded(y: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple]:
     """y reflect-padded so H and W are multiples of ``multiple``, and the index that crops a result back."""
     sizes = y.shape[2:]
@@ -75,7 +98,7 @@ def _padded(y: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple]:
 
 
 def _members(network, recorruption: Recorruption, y: torch.Tensor, states: list[torch.Tensor], timestep: int,
-             rho: float, condition_fn: Callable | None):
+             rho: float, condition_fn: Callable | None, roi_size: Sequence[int] | None = None):
     """h, y~ and the repeated y for one recorruption per state of the (B, C, H, W) batch y, all in one forward."""
     batch = y.repeat(len(states), *[1] * (y.ndim - 1))
     rho_batch = torch.full((len(batch),), rho, dtype=torch.float64, device=y.device)
@@ -83,7 +106,8 @@ def _members(network, recorruption: Recorruption, y: torch.Tensor, states: list[
         z, target = recorruption.split(batch, torch.cat(states), rho_batch)
         condition = None if condition_fn is None else condition_fn(z)
         t_batch = torch.full((len(batch),), timestep, dtype=torch.long, device=y.device)
-        return recorrupted_x0(network, z, t_batch, rho_batch, recorruption.sigma_ref, condition), target, batch
+        h = recorrupted_x0(windowed(network, roi_size), z, t_batch, rho_batch, recorruption.sigma_ref, condition)
+        return h, target, batch
 
 
 def _antithetic_states(recorruption: Recorruption, y: torch.Tensor, pairs: int, generator) -> list[torch.Tensor]:
@@ -104,6 +128,7 @@ class AntitheticTweedieInferer(Inferer):
         seed: seed of the CPU generator of the draws; a call is repeatable.
         condition_fn: c = condition_fn(z) (the stage-1 BSN on each member), or None for an unconditioned net.
         pad_multiple: reflect-pad H, W to a multiple of this (a U-Net with L levels needs 2 ** (L - 1)).
+        roi_size: run the network in windows of this size (``windowed``), e.g. its training crop; None: whole.
 
     Example (``DiffusionModelUNet`` needs ``einops``)::
 
@@ -122,7 +147,7 @@ class AntitheticTweedieInferer(Inferer):
 
     def __init__(self, recorruption: Recorruption, scheduler, rho: float | Sequence[float] = 0.5, num_pairs: int = 2,
                  seed: int = 0, condition_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 pad_multiple: int = 1):
+                 pad_multiple: int = 1, roi_size: Sequence[int] | None = None):
         super().__init__()
         rhos = [float(r) for r in (rho if isinstance(rho, Sequence) else [rho])]
         if not rhos or min(rhos) <= 0:
@@ -139,6 +164,7 @@ class AntitheticTweedieInferer(Inferer):
         self.seed = int(seed)
         self.condition_fn = condition_fn
         self.pad_multiple = pad_multiple
+        self.roi_size = None if roi_size is None else [int(s) for s in roi_size]
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  **kwargs: Any) -> torch.Tensor:
@@ -154,7 +180,7 @@ class AntitheticTweedieInferer(Inferer):
         total = torch.zeros_like(y)
         for t, rho in zip(self.timesteps, self.rhos):
             states = _antithetic_states(self.recorruption, y, self.num_pairs, generator)
-            h, _, _ = _members(network, self.recorruption, y, states, t, rho, self.condition_fn)
+            h, _, _ = _members(network, self.recorruption, y, states, t, rho, self.condition_fn, self.roi_size)
             total += h.reshape(len(states), *y.shape).mean(dim=0)
         return convert_to_dst_type((total / len(self.rhos))[crop], inputs)[0]
 
@@ -162,7 +188,7 @@ class AntitheticTweedieInferer(Inferer):
 def pick_rho(network: Callable[..., torch.Tensor], recorruption: Recorruption, scheduler,
              slices: Callable[[], Sequence[Any]], candidates: Sequence[float], condition_fn: Callable | None = None,
              draws: int = 4, seed: int = 0, pad_multiple: int = 1, device: str | torch.device = "cpu",
-             cache: str | os.PathLike | None = None) -> float:
+             cache: str | os.PathLike | None = None, roi_size: Sequence[int] | None = None) -> float:
     """The candidate rho with the lowest estimated MSE of a single recorrupted estimate h(z), on noisy slices only.
 
     E||h(z) - y~||^2 = MSE(h(z), x) + E||y~ - x||^2, because y~'s noise is independent of z with mean zero; the
@@ -176,13 +202,15 @@ def pick_rho(network: Callable[..., torch.Tensor], recorruption: Recorruption, s
         slices: returns the 2-D noisy slices (numpy or torch), e.g. the validation split; called only when no
             cached choice matches.
         candidates: rho values to compare.
+        roi_size: the windows of stage 3's network calls (``windowed``), so the choice is made as stage 3 runs.
 
     Returns:
         The chosen rho (the schedule's value at its nearest timestep).
     """
     table = schedule_rho(scheduler.alphas_cumprod)
     options = sorted({timestep_for_rho(scheduler.alphas_cumprod, r) for r in candidates})
-    key = _fingerprint(network, recorruption, options, draws, seed)
+    roi_size = None if roi_size is None else [int(s) for s in roi_size]
+    key = _fingerprint(network, recorruption, options if roi_size is None else [options, roi_size], draws, seed)
     if cache is not None and Path(cache).is_file():
         stored = json.loads(Path(cache).read_text())
         if stored.get("key") == key:
@@ -194,7 +222,7 @@ def pick_rho(network: Callable[..., torch.Tensor], recorruption: Recorruption, s
         for image in images:
             y, crop = _padded(image.reshape(1, 1, *image.shape[-2:]), pad_multiple)
             states = _antithetic_states(recorruption, y, max(1, draws // 2), generator)
-            h, target, batch = _members(network, recorruption, y, states, t, rho, condition_fn)
+            h, target, batch = _members(network, recorruption, y, states, t, rho, condition_fn, roi_size)
             rho_batch = torch.full((len(batch),), rho, dtype=torch.float64, device=y.device)
             noise = recorruption.target_noise_variance(batch, rho_batch)[crop].mean()
             losses.append(float(((h - target)[crop] ** 2).mean() - noise))

@@ -7,7 +7,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from diffdenoise.inferers import AntitheticTweedieInferer
-from diffdenoise.inferers.tweedie import pick_rho, recorrupted_x0
+from diffdenoise.inferers.tweedie import pick_rho, recorrupted_x0, windowed
 from diffdenoise.recorruption import make_recorruption
 
 SIGMA = 6 / 255
@@ -29,6 +29,33 @@ class Scaled(torch.nn.Module):
 
     def forward(self, x, timesteps):
         return self.a * x[:, :1] + self.b
+
+
+class SeenSizes(Scaled):
+    """A pixel-wise network that records the spatial size of every input it is given."""
+
+    def __init__(self):
+        super().__init__(0.7, 0.01)
+        self.sizes = set()
+
+    def forward(self, x, timesteps):
+        self.sizes.add(tuple(x.shape[2:]))
+        return super().forward(x, timesteps) * (1 + timesteps.reshape(-1, 1, 1, 1) / 1000)
+
+
+def test_windowed_stage3_sees_only_windows_and_matches_whole_slices_for_a_pixelwise_net():
+    """In windows of the training crop the network never sees more than the crop; a pixel-wise network gives
+    the whole-slice result (the Gaussian blend of equal values), so windowing changes only the field of view."""
+    y = torch.rand(1, 1, 70, 52, generator=torch.Generator().manual_seed(0))
+    common = dict(rho=0.5, num_pairs=2, pad_multiple=4, condition_fn=lambda z: 0.5 * z)
+    whole_net, windowed_net = SeenSizes(), SeenSizes()
+    whole = AntitheticTweedieInferer(make_recorruption("gaussian", SIGMA), DDIMScheduler(), **common)(y, whole_net)
+    tiles = AntitheticTweedieInferer(make_recorruption("gaussian", SIGMA), DDIMScheduler(), roi_size=(32, 32),
+                                     **common)(y, windowed_net)
+    assert whole_net.sizes == {(72, 52)} and windowed_net.sizes == {(32, 32)}
+    torch.testing.assert_close(tiles, whole, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one timestep"):
+        windowed(SeenSizes(), (32, 32))(torch.rand(2, 1, 40, 40), torch.tensor([3, 4]))
 
 
 @pytest.mark.parametrize("model,level", [("gaussian", SIGMA), ("poisson", 200.0), ("gamma", 100.0)])
