@@ -44,6 +44,7 @@ from diffdenoise.benchmark.methods import (
     Fitted,
     FitSettings,
     Method,
+    StageFit,
     bsn_overlay,
 )
 from diffdenoise.benchmark.preset import load_preset, runs_on
@@ -64,6 +65,7 @@ __all__ = [
     "FitSettings",
     "Fitted",
     "Method",
+    "StageFit",
     "bsn_overlay",
     "build_cases",
     "load_preset",

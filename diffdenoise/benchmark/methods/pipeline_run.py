@@ -7,8 +7,9 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -137,18 +138,24 @@ def _share_stage_one(settings: FitSettings, root: Path, state: dict) -> None:
     state["shared"] = shared
 
 
-def fit_stage(upto: str, denoiser: str, inferer_key: str, method: str = "paper", prior: str = "box") -> Callable:
-    """A method needing the case's pipeline run (of the diffusion ``method`` and stage-1 ``prior``) up to the step
-    ``upto``: its fit cost is every step up to it, whichever method ran them; it denoises with the network and
-    ``inferer_key`` of the step ``denoiser``'s config (``Step.name``: a config, ``@<k>`` for iteration k)."""
+@dataclass(frozen=True)
+class StageFit:
+    """The ``fit`` of a method needing the case's pipeline run (of the diffusion ``method`` and stage-1 ``prior``) up
+    to the step ``upto``: its fit cost is every step up to it, whichever method ran them; it denoises with the
+    network and ``inferer_key`` of the step ``denoiser``'s config (``Step.name``: a config, ``@<k>`` for iteration
+    k). The registry tells the methods that share a pipeline run (``PIPELINE_METHODS``) by this type."""
 
-    def fit(train_noisy, workdir, settings) -> Fitted:
-        keys, state = _pipeline(settings, upto, method, prior)
+    upto: str
+    denoiser: str
+    inferer_key: str
+    method: str = "paper"
+    prior: str = "box"
+
+    def __call__(self, train_noisy, workdir, settings) -> Fitted:
+        keys, state = _pipeline(settings, self.upto, self.method, self.prior)
         steps = pipeline_steps(Path(keys["dataset_dir"]), ITERATIONS)
-        needed = [step.name for step in _steps_upto(steps, upto)]
-        step = next(step for step in steps if step.name == denoiser)
-        overlays = [*case_overlays(settings, method, prior), *step.overlays]
-        return Fitted(stage_denoiser(step.config, overlays, {**keys, **step.keys}, inferer_key),
+        needed = [step.name for step in _steps_upto(steps, self.upto)]
+        step = next(step for step in steps if step.name == self.denoiser)
+        overlays = [*case_overlays(settings, self.method, self.prior), *step.overlays]
+        return Fitted(stage_denoiser(step.config, overlays, {**keys, **step.keys}, self.inferer_key),
                       sum(state["seconds"][n] for n in needed), sum(state["cpu_seconds"][n] for n in needed))
-
-    return fit
