@@ -177,6 +177,9 @@ def _input_error(err: BaseException) -> InputError | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
+    from diffdenoise.allocator import retain_freed_memory
+
+    retain_freed_memory()
     try:
         fire.Fire({"prepare": prepare, "stage": stage, "demo": demo, "fit": fit, "export": export, "denoise": denoise,
                    "benchmark": benchmark}, command=argv, name="diffdenoise")

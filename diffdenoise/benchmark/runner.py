@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffdenoise.allocator import retain_freed_memory
 from diffdenoise.benchmark.cases import Case, _test_items, build_cases, prepare_case
 from diffdenoise.benchmark.methods import METHODS, PIPELINE_METHODS, FitSettings, Fitted
 from diffdenoise.benchmark.preset import load_preset, runs_on
@@ -217,10 +218,11 @@ _worker_events = None
 
 
 def _start_worker(events, threads: int) -> None:
-    """Worker-process set-up: the event queue back to the parent and the torch thread count."""
+    """Worker-process set-up: the event queue back to the parent, the torch thread count, the allocator."""
     global _worker_events
     _worker_events = events
     torch.set_num_threads(threads)
+    retain_freed_memory()
 
 
 def _run_case_in_worker(*job) -> None:
