@@ -32,4 +32,4 @@ def test_retained_memory_is_not_faulted_in_again():
     _, default = faults("default")
     pages = 64 * 512 * 512 * 4 // resource.getpagesize()
     assert default > 20 * pages  # each of the 30 products faults its 64 MiB result in again
-    assert retained < 5 * pages  # a one-off cost: later products reuse the freed block from the heap
+    assert retained < default / 4  # a one-off cost (a few blocks): later products reuse them from the heap
