@@ -191,14 +191,15 @@ def _synthetic_results(out, psnr_by_method):
 
 @pytest.mark.parametrize("oracle,gated", [(35.0, True), (36.0, True), (37.0, False)])
 def test_a_case_whose_oracle_does_not_beat_bm3d_is_under_trained_and_claims_nothing(tmp_path, oracle, gated):
-    case = _synthetic_results(tmp_path, {"noisy": 32.0, "bm3d": 36.0, "noise2self": 38.0, "supervised": oracle})
-    report = write_report(tmp_path, [case], ["noisy", "bm3d", "noise2self", "supervised"], {}, {}).read_text()
+    scores = {"noisy": 32.0, "bm3d": 36.0, "noise2self": 38.0, "srds": 37.5, "supervised": oracle}
+    case = _synthetic_results(tmp_path, scores)
+    report = write_report(tmp_path, [case], list(scores), {}, {}).read_text()
     marked = f"{case.name} (under-trained)"
     if gated:
         assert report.count(marked) == 5  # the PSNR, SSIM, leak and cost tables, and the case's heading
-        assert "**Under-trained:**" in report and "Paired Wilcoxon" not in report
+        assert "**Under-trained:**" in report and "Paired Wilcoxon" not in report and "loses here" not in report
         summary_row = next(line for line in report.splitlines() if line.startswith(f"| {marked}"))
         assert "**" not in summary_row and "(n.s.)" not in summary_row
     else:
         assert marked not in report and "**Under-trained:**" not in report
-        assert "best PSNR: Noise2Self" in report
+        assert "best PSNR: Noise2Self" in report and "DiffDenoise loses here" in report
