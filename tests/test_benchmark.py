@@ -183,6 +183,21 @@ def test_diffdenoise_methods_share_one_pipeline_run_trained_on_noisy_slices_only
     assert "noise_log_scale" in torch.load(case_dir / "work" / "pipeline_learned" / "bundle" / "models" / "bsn.pt")
 
 
+def test_learned_results_keep_the_training_curves_of_the_stages_they_needed(smoke):
+    out, report, _ = smoke
+    case_dir = out / "cases" / CASE
+    curves = {name: json.loads((case_dir / f"{name}.json").read_text()).get("curves", {})
+              for name in ("bsn", "srds", "student", "student_iter2", "tweedie", "supervised", "noise2self")}
+    assert set(curves["bsn"]) == {"bsn"} and set(curves["srds"]) == set(curves["tweedie"]) == {"bsn", "diffusion"}
+    assert set(curves["student"]) == {"bsn", "diffusion", "student"}
+    assert set(curves["student_iter2"]) == {"bsn", "diffusion", "student", "diffusion_iter2", "student_iter2"}
+    assert set(curves["supervised"]) == {"student"} and curves["noise2self"] == {}  # the smoke preset sets no rule
+    # without a rule every stage runs its budget (20 iterations, validated once) and the report says so
+    student = curves["student"]["student"]
+    assert student["rule"] is None and student["steps_run"] == student["cap"] == 20 and student["steps"] == [20]
+    assert "student: 20/20 steps, no rule" in report.read_text()
+
+
 def test_cli_benchmark_runs_the_harness_and_resumes(smoke, shared_data, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(smoke[0], out)
