@@ -75,8 +75,14 @@ def test_report_has_one_row_per_method_with_mean_and_sd(smoke):
     assert set(rows) == {METHODS[name].label for name in _available()}
     assert {"DiffDenoise SRDS (stages 1-3)", "DiffDenoise student (stage 4, iteration 1)"} <= set(rows)
     assert "noisy input" in rows and float(rows["noisy input"][0]) > 20
-    assert "DiffDenoise loses here" in section or "DiffDenoise (" in section  # the verdict line is there
-    assert "Paired Wilcoxon" in section and f"figures/{CASE}.png" in section
+    if section.startswith(f"## {CASE} (under-trained)"):
+        # the smoke oracle's 20 steps may not beat BM3D: then the oracle gate's line replaces the claims
+        # (tests/test_convergence.py checks both branches on fixed scores)
+        assert "**Under-trained:**" in section and "Paired Wilcoxon" not in section and "loses here" not in section
+    else:
+        assert "DiffDenoise loses here" in section or "DiffDenoise (" in section  # the verdict line is there
+        assert "Paired Wilcoxon" in section
+    assert f"figures/{CASE}.png" in section
     skipped = [name for name in METHODS if name not in _available()]
     assert all(f"skipped {name}:" in text for name in skipped)
 
@@ -93,7 +99,7 @@ def test_cost_counts_each_shared_pipeline_step_once(smoke):
            if name not in state.get("shared", [])]
     expected = sum(own) + sum(r["denoise_seconds_per_slice"] * len(r["slices"]) for r in records) + sum(
         r["fit_seconds"] for r in records if r["method"] not in PIPELINE_METHODS)
-    row = re.search(rf"^\| {CASE} \| (\d+) \| (\d+) \|$", report.read_text(), re.M)
+    row = re.search(rf"^\| {CASE}(?: \(under-trained\))? \| (\d+) \| (\d+) \|$", report.read_text(), re.M)
     assert row, "no cost row for the case"
     assert int(row.group(1)) == round(expected)
 
@@ -175,6 +181,21 @@ def test_diffdenoise_methods_share_one_pipeline_run_trained_on_noisy_slices_only
     assert "shared" not in learned and list(learned["seconds"]) == ["train_bsn"]
     assert "stage1/learned_prior" in learned["run"]["overlays"]
     assert "noise_log_scale" in torch.load(case_dir / "work" / "pipeline_learned" / "bundle" / "models" / "bsn.pt")
+
+
+def test_learned_results_keep_the_training_curves_of_the_stages_they_needed(smoke):
+    out, report, _ = smoke
+    case_dir = out / "cases" / CASE
+    curves = {name: json.loads((case_dir / f"{name}.json").read_text()).get("curves", {})
+              for name in ("bsn", "srds", "student", "student_iter2", "tweedie", "supervised", "noise2self")}
+    assert set(curves["bsn"]) == {"bsn"} and set(curves["srds"]) == set(curves["tweedie"]) == {"bsn", "diffusion"}
+    assert set(curves["student"]) == {"bsn", "diffusion", "student"}
+    assert set(curves["student_iter2"]) == {"bsn", "diffusion", "student", "diffusion_iter2", "student_iter2"}
+    assert set(curves["supervised"]) == {"student"} and curves["noise2self"] == {}  # the smoke preset sets no rule
+    # without a rule every stage runs its budget (20 iterations, validated once) and the report says so
+    student = curves["student"]["student"]
+    assert student["rule"] is None and student["steps_run"] == student["cap"] == 20 and student["steps"] == [20]
+    assert "student: 20/20 steps, no rule" in report.read_text()
 
 
 def test_cli_benchmark_runs_the_harness_and_resumes(smoke, shared_data, tmp_path, capsys):

@@ -3,7 +3,8 @@
 Noise2Self and Neighbor2Neighbor differ only in their loss, so everything else lives here once: MONAI's
 ``BasicUNet`` (1 -> 1 channels, 2D, no normalisation layers: instance norm would discard each patch's
 intensity level, which a denoiser must keep; the Neighbor2Neighbor U-Net has none either), random crops
-with the 8 flips/rotations, the seeded Adam loop with tqdm, and pad-to-16 inference.
+with the 8 flips/rotations, the seeded Adam loop with tqdm (stopped by ``diffdenoise.convergence``'s plateau rule on
+the method's own loss over held-out noisy crops, when given them), and pad-to-16 inference.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 from tqdm import tqdm
+
+from diffdenoise.convergence import TrainingCurve
 
 DEFAULT_FEATURES = (16, 16, 32, 64, 128, 16)
 DOWNSAMPLING = 16  # BasicUNet halves the image 4 times
@@ -103,14 +106,27 @@ def fit(
     progress: bool,
     callback: Callable[[dict], None] | None,
     desc: str,
+    validation=None,
+    val_interval: int = 100,
+    curve: TrainingCurve | None = None,
 ) -> BasicUNet:
     """Train a fresh BasicUNet on random crops of ``images`` with Adam, minimising ``loss_fn``.
 
     ``seed`` fixes the weights (torch), the crops (numpy) and the loss's own draws (a torch generator
-    handed to ``loss_fn``), so a seed gives the same network on the same device. Returns it in eval mode.
+    handed to ``loss_fn``), so a seed gives the same network on the same device. With held-out ``validation``
+    slices and a ``curve``, every ``val_interval`` steps ``loss_fn`` on fixed crops of them (``validation_loss``)
+    is added to ``curve``, and training stops when its rule says converged; ``iterations`` is the cap.
+    Returns the network in eval mode.
     """
     arrays = _check_training(images, iterations, patch_size, patch_multiple, batch_size, lr, features)
     _check_int("seed", seed, 0, "Set `seed` to e.g. 0.")
+    if (validation is None) != (curve is None):
+        raise ValueError("validation slices and a curve go together: pass both (to train to convergence) or neither")
+    if curve is not None:
+        _check_int("val_interval", val_interval, 1, "Set `val_interval` to the steps between validations, e.g. 100.")
+        held_out = _check_training(validation, iterations, patch_size, patch_multiple, batch_size, lr, features)
+        val_crops = torch.from_numpy(random_crops(held_out, patch_size, 4 * batch_size, np.random.default_rng(seed)))
+        curve.cap = iterations
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     network = build_unet(features, seed).to(device).train()
@@ -123,7 +139,26 @@ def fit(
         optimizer.step()
         if callback is not None:
             callback({"iteration": step, "loss": loss.item()})
+        if curve is not None and (step + 1) % val_interval == 0:
+            if curve.add(step + 1, validation_loss(network, val_crops.to(device), loss_fn, batch_size, seed)):
+                break
+    if curve is not None:
+        curve.steps_run = step + 1
     return network.eval()
+
+
+def validation_loss(network: torch.nn.Module, crops: torch.Tensor, loss_fn: LossFn, batch_size: int,
+                    seed: int) -> float:
+    """``loss_fn`` on fixed held-out crops, in batches, with the loss's draws (masks, pairs) seeded the same each
+    time, so successive values differ only by the network; at training progress 0 (Neighbor2Neighbor's plain
+    neighbour loss), the objective whose plateau says the denoiser stopped improving."""
+    generator = torch.Generator().manual_seed(seed)
+    network.eval()
+    with torch.no_grad():
+        losses = [loss_fn(network, crops[i:i + batch_size], 0.0, generator).item() * len(crops[i:i + batch_size])
+                  for i in range(0, len(crops), batch_size)]
+    network.train()
+    return sum(losses) / len(crops)
 
 
 def image_tensor(image, network: torch.nn.Module) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 
 from diffdenoise.baselines import _unet
+from diffdenoise.convergence import TrainingCurve
 
 __all__ = ["denoise_neighbor2neighbor", "train_neighbor2neighbor"]
 
@@ -61,6 +62,9 @@ def train_neighbor2neighbor(
     device: str | torch.device = "cpu",
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
+    validation: Sequence[np.ndarray] | None = None,
+    val_interval: int = 100,
+    curve: TrainingCurve | None = None,
 ) -> BasicUNet:
     """Train a Neighbor2Neighbor U-Net on noisy slices only.
 
@@ -77,6 +81,10 @@ def train_neighbor2neighbor(
         device: torch device to train on.
         progress: show a tqdm bar.
         callback: called after each step with ``{"iteration": int, "loss": float}``.
+        validation: held-out noisy slices; with ``curve``, the loss on fixed crops of them is recorded every
+            ``val_interval`` steps and training stops when the curve's rule says converged (``iterations`` the cap).
+        val_interval: steps between validations.
+        curve: a ``diffdenoise.convergence.TrainingCurve`` that records the validation history, or None.
 
     Returns:
         The trained ``BasicUNet`` in eval mode, on ``device``; use it with ``denoise_neighbor2neighbor``.
@@ -107,6 +115,9 @@ def train_neighbor2neighbor(
         device=device,
         progress=progress,
         callback=callback,
+        validation=validation,
+        val_interval=val_interval,
+        curve=curve,
         desc="Neighbor2Neighbor",
     )
 

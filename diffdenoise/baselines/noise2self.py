@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 
 from diffdenoise.baselines import _unet
+from diffdenoise.convergence import TrainingCurve
 
 __all__ = ["denoise_noise2self", "train_noise2self"]
 
@@ -72,6 +73,9 @@ def train_noise2self(
     device: str | torch.device = "cpu",
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
+    validation: Sequence[np.ndarray] | None = None,
+    val_interval: int = 100,
+    curve: TrainingCurve | None = None,
 ) -> BasicUNet:
     """Train a Noise2Self U-Net on noisy slices only; each step masks one random phase of the grid.
 
@@ -87,6 +91,10 @@ def train_noise2self(
         device: torch device to train on.
         progress: show a tqdm bar.
         callback: called after each step with ``{"iteration": int, "loss": float}``.
+        validation: held-out noisy slices; with ``curve``, the loss on fixed crops of them is recorded every
+            ``val_interval`` steps and training stops when the curve's rule says converged (``iterations`` the cap).
+        val_interval: steps between validations.
+        curve: a ``diffdenoise.convergence.TrainingCurve`` that records the validation history, or None.
 
     Returns:
         The trained ``BasicUNet`` in eval mode, on ``device``; use it with ``denoise_noise2self``.
@@ -116,6 +124,9 @@ def train_noise2self(
         device=device,
         progress=progress,
         callback=callback,
+        validation=validation,
+        val_interval=val_interval,
+        curve=curve,
         desc="Noise2Self",
     )
 

@@ -29,6 +29,7 @@ from diffdenoise.benchmark.methods import METHODS, PIPELINE_METHODS, FitSettings
 from diffdenoise.benchmark.preset import load_preset, runs_on
 from diffdenoise.benchmark.report import write_report
 from diffdenoise.benchmark.store import result_fingerprint, save_atomic
+from diffdenoise.convergence import CURVE_SUFFIX
 from diffdenoise.data import load_datalist
 from diffdenoise.errors import InputError
 from diffdenoise.metrics import noise_leak, psnr, ssim
@@ -43,7 +44,8 @@ def run_method(name: str, settings: FitSettings, train: list[np.ndarray], items:
     Returns:
         The record stored as ``<method>.json``: per-slice ``slices``, ``psnr``, ``ssim``; ``fit_seconds`` and
         ``denoise_seconds_per_slice`` (wall) with their process-CPU twins ``*_cpu_*`` (all threads; they
-        estimate costs on a machine shared with other jobs); ``figure``, the output on ``figure_slice``.
+        estimate costs on a machine shared with other jobs); ``figure``, the output on ``figure_slice``; ``curves``,
+        the training curves the fit left in ``workdir`` (``diffdenoise.convergence``), by name, when it left any.
 
     Raises:
         RuntimeError: the denoiser returned another shape or non-finite values.
@@ -58,6 +60,10 @@ def run_method(name: str, settings: FitSettings, train: list[np.ndarray], items:
         denoiser, fit_seconds, fit_cpu_seconds = denoiser.denoise, denoiser.seconds, denoiser.cpu_seconds
     record = {"case": settings.case.name, "method": name, "label": method.label, "kind": method.kind,
               "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu_seconds, "slices": [], "psnr": [], "ssim": [], "leak": []}
+    curves = {path.name.removesuffix(CURVE_SUFFIX): json.loads(path.read_text())
+              for path in sorted(workdir.rglob(f"*{CURVE_SUFFIX}"))}
+    if curves:
+        record["curves"] = curves
     seconds = cpu_seconds = 0.0
     for item in items:
         noisy = np.load(item["image"])

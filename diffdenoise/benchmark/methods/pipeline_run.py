@@ -16,6 +16,7 @@ import numpy as np
 from diffdenoise.benchmark.cases import Case
 from diffdenoise.benchmark.methods.base import FitSettings, Fitted
 from diffdenoise.benchmark.store import save_atomic
+from diffdenoise.convergence import CURVE_SUFFIX
 from diffdenoise.data import load_datalist
 from diffdenoise.errors import InputError
 from diffdenoise.pipeline import Step, bundle_overlays, pipeline_steps, stage_keys
@@ -130,8 +131,11 @@ def _share_stage_one(settings: FitSettings, root: Path, state: dict) -> None:
             shutil.copytree(source, target, dirs_exist_ok=True)
         else:
             shutil.copy2(source, target)
-    (root / "bundle" / "models").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(Path(paper_keys["bundle_root"]) / "models" / "bsn.pt", root / "bundle" / "models" / "bsn.pt")
+    for folder, name in (("models", "bsn.pt"), ("logs", f"bsn{CURVE_SUFFIX}")):
+        source = Path(paper_keys["bundle_root"]) / folder / name
+        (root / "bundle" / folder).mkdir(parents=True, exist_ok=True)
+        if source.is_file():  # a paper run stored before curves were recorded has none
+            shutil.copy2(source, root / "bundle" / folder / name)
     shared = [step.name for step in pipeline_steps(root / "data") if step.stage == "bsn"]
     for name in shared:
         state["seconds"][name], state["cpu_seconds"][name] = paper_state["seconds"][name], paper_state["cpu_seconds"][name]
@@ -154,8 +158,14 @@ class StageFit:
     def __call__(self, train_noisy, workdir, settings) -> Fitted:
         keys, state = _pipeline(settings, self.upto, self.method, self.prior)
         steps = pipeline_steps(Path(keys["dataset_dir"]), ITERATIONS)
-        needed = [step.name for step in _steps_upto(steps, self.upto)]
+        needed = _steps_upto(steps, self.upto)
+        base = case_overlays(settings, self.method, self.prior)
+        for trained in needed:
+            if trained.config.startswith("train_"):  # its training curve goes with this method's result
+                parser = stage_parser(trained.config, [*base, *trained.overlays], **{**keys, **trained.keys})
+                curve = Path(parser.get_parsed_content("curve_path"))
+                if curve.is_file():  # a pipeline run stored before curves were recorded has none
+                    shutil.copy2(curve, workdir / curve.name)
         step = next(step for step in steps if step.name == self.denoiser)
-        overlays = [*case_overlays(settings, self.method, self.prior), *step.overlays]
-        return Fitted(stage_denoiser(step.config, overlays, {**keys, **step.keys}, self.inferer_key),
-                      sum(state["seconds"][n] for n in needed), sum(state["cpu_seconds"][n] for n in needed))
+        return Fitted(stage_denoiser(step.config, [*base, *step.overlays], {**keys, **step.keys}, self.inferer_key),
+                      sum(state["seconds"][n.name] for n in needed), sum(state["cpu_seconds"][n.name] for n in needed))
