@@ -33,7 +33,7 @@ import torch
 
 from diffdenoise.baselines import _unet
 
-_DEFAULTS = {"patch_size": 64, "batch_size": 8, "lr": 3e-4, "features": _unet.DEFAULT_FEATURES}
+_DEFAULTS = {"device": "cpu", "patch_size": 64, "batch_size": 8, "lr": 3e-4, "features": _unet.DEFAULT_FEATURES}
 
 
 def noise_model(noise: str, level: float | None) -> deepinv.physics.NoiseModel:
@@ -93,7 +93,7 @@ def train(name: str, loss: deepinv.loss.Loss, physics, images: list[np.ndarray],
 
     torch.manual_seed(seed)
     network = _unet.fit(images, iterations, step, patch_multiple=(2 if name == "n2n" else 1) * _unet.DOWNSAMPLING,
-                        seed=seed, device="cpu", progress=False, callback=lambda e: losses.append(e["loss"]),
+                        seed=seed, progress=False, callback=lambda e: losses.append(e["loss"]),
                         desc=f"deepinv {name}", **{**_DEFAULTS, **options})
     return loss.adapt_model(_Reconstructor(network)).eval()
 
