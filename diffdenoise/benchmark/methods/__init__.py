@@ -8,6 +8,7 @@ read from the case's DiffDenoise pipeline run needs no module, only a line with 
 from diffdenoise.baselines import denoise_bm3d, denoise_nlm, denoise_tv
 from diffdenoise.benchmark.methods.base import KINDS, Denoiser, Fitted, FitSettings, Method
 from diffdenoise.benchmark.methods.classical import fit_filter, fit_input
+from diffdenoise.benchmark.methods.deepinv_peers import fit_deepinv, peers_unavailable
 from diffdenoise.benchmark.methods.pipeline_run import ITERATIONS, StageFit, bsn_overlay
 from diffdenoise.benchmark.methods.self_supervised import fit_neighbor2neighbor, fit_noise2self
 from diffdenoise.benchmark.methods.supervised import fit_supervised
@@ -19,6 +20,10 @@ METHODS: dict[str, Method] = {
     "bm3d": Method("BM3D", "classical", fit_filter(denoise_bm3d), requires=("bm3d",)),
     "noise2self": Method("Noise2Self", "self-supervised", fit_noise2self),
     "neighbor2neighbor": Method("Neighbor2Neighbor", "self-supervised", fit_neighbor2neighbor),
+    "deepinv_r2r": Method("deepinv R2R (GR2R)", "self-supervised", fit_deepinv("r2r"), unavailable=peers_unavailable),
+    "deepinv_n2n": Method("deepinv Neighbor2Neighbor", "self-supervised", fit_deepinv("n2n"),
+                          unavailable=peers_unavailable),
+    "deepinv_sure": Method("deepinv SURE", "self-supervised", fit_deepinv("sure"), unavailable=peers_unavailable),
     "bsn": Method("BSN alone (stage 1)", "self-supervised", StageFit("train_bsn", "infer_bsn", "bsn_denoiser")),
     "bsn_learned": Method("BSN, learned prior (stage 1 as Laine et al.)", "self-supervised",
                           StageFit("train_bsn", "infer_bsn", "bsn_denoiser", prior="learned")),

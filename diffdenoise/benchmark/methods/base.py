@@ -46,12 +46,15 @@ class Method:
         fit: builds the denoiser; ``workdir`` is an empty folder for checkpoints and logs. Its wall time is
             the method's fit cost, unless it returns a ``Fitted`` carrying the cost itself.
         requires: optional modules; a method whose module is missing is skipped with the reason reported.
+        unavailable: for what a module check cannot see (another environment): returns why the method cannot
+            run here, or None; a method with a reason is skipped as one with a missing module.
     """
 
     label: str
     kind: str
     fit: Callable[[list[np.ndarray], Path, FitSettings], Denoiser | Fitted]
     requires: tuple[str, ...] = ()
+    unavailable: Callable[[], str | None] | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -60,9 +63,9 @@ class Method:
     def missing(self) -> str | None:
         """Why this method cannot run here, or None."""
         absent = [name for name in self.requires if importlib.util.find_spec(name) is None]
-        if not absent:
-            return None
-        return f"optional package(s) {', '.join(absent)} not installed (pip install {' '.join(absent)})"
+        if absent:
+            return f"optional package(s) {', '.join(absent)} not installed (pip install {' '.join(absent)})"
+        return self.unavailable() if self.unavailable is not None else None
 
 
 @dataclass(frozen=True)
